@@ -1,0 +1,49 @@
+"""Multi-head attention shared by the UNet, the VAE and the text encoder.
+
+Legend: B batch, L query length, S key length, D model width, N heads, H head width.
+Everything goes through ``jax.nn.dot_product_attention`` so that XLA picks the fused
+cuDNN / TPU kernels where they exist for the dtype and shapes at hand.
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+
+def dot_product_attention(q_BLNH: jax.Array, k_BSNH: jax.Array, v_BSNH: jax.Array, *,
+                          is_causal: bool = False) -> jax.Array:
+    """Softmax attention with scale 1/sqrt(H); returns B L N H."""
+    return jax.nn.dot_product_attention(q_BLNH, k_BSNH, v_BSNH, is_causal=is_causal)
+
+
+class Attention(nn.Module):
+    """Projections to_q/to_k/to_v/to_out around :func:`dot_product_attention`.
+
+    With ``ctx_BSD`` it is cross-attention (keys and values from the context), else self-attention.
+    """
+
+    heads: int
+    head_dim: int
+    qkv_bias: bool = False
+    out_bias: bool = True
+    is_causal: bool = False
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x_BLD: jax.Array, ctx_BSD: jax.Array | None = None) -> jax.Array:
+        ctx_BSD = x_BLD if ctx_BSD is None else ctx_BSD
+        inner = self.heads * self.head_dim
+
+        def proj(name, y, bias):
+            return nn.Dense(inner, use_bias=bias, dtype=self.dtype, name=name)(y)
+
+        B, L, D = x_BLD.shape
+        S = ctx_BSD.shape[1]
+        q = proj("to_q", x_BLD, self.qkv_bias).reshape(B, L, self.heads, self.head_dim)
+        k = proj("to_k", ctx_BSD, self.qkv_bias).reshape(B, S, self.heads, self.head_dim)
+        v = proj("to_v", ctx_BSD, self.qkv_bias).reshape(B, S, self.heads, self.head_dim)
+        o_BLNH = dot_product_attention(q, k, v, is_causal=self.is_causal)
+        return nn.Dense(D, use_bias=self.out_bias, dtype=self.dtype, name="to_out")(
+            o_BLNH.reshape(B, L, inner))
