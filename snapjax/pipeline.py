@@ -1,0 +1,194 @@
+"""Text to image: tokenizer, text encoder, UNet + DDIM (+ guidance), VAE decoder.
+
+Legend: B batch, L tokens, D context width, H/W image side, h/w latent side, C latent channels.
+
+A pipeline folder is either a diffusers Stable Diffusion folder (``model_index.json`` with
+``unet/``, ``vae/``, ``text_encoder/``, ``tokenizer/``, ``scheduler/``) or snapjax's own
+(``snapjax_pipeline.json`` beside the same subfolders holding snapjax model folders).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from snapjax import pretrained
+from snapjax.diffusion import ddim
+from snapjax.diffusion.schedule import NoiseSchedule
+from snapjax.models.tokenizer import Tokenizer
+
+PIPELINE_FILE = "snapjax_pipeline.json"
+COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer")
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _encode_text(text_encoder, params, input_ids_BL):
+    return text_encoder.apply({"params": params}, input_ids_BL).astype(jnp.float32)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _decode_images(vae, params, latents_BhwC):
+    x_BHWC = vae.apply({"params": params}, latents_BhwC / vae.spec.scaling_factor, method="decode")
+    # diffusers: (x / 2 + 0.5).clamp(0, 1), then * 255, round, uint8.
+    x_BHWC = jnp.clip(x_BHWC.astype(jnp.float32) / 2 + 0.5, 0.0, 1.0)
+    return jnp.round(x_BHWC * 255).astype(jnp.uint8)
+
+
+def _check_pipeline_folder(path: Path) -> None:
+    if not path.is_dir():
+        raise FileNotFoundError(f"{path}: not a folder (expected a pipeline folder with "
+                                f"{', '.join(COMPONENTS)} subfolders)")
+    if not ((path / PIPELINE_FILE).is_file() or (path / "model_index.json").is_file()):
+        raise FileNotFoundError(f"{path}: not a pipeline folder (no {PIPELINE_FILE} or "
+                                "model_index.json)")
+    missing = [c for c in COMPONENTS if not (path / c).is_dir()]
+    if missing:
+        raise FileNotFoundError(f"{path}: pipeline folder without {', '.join(m + '/' for m in missing)}")
+
+
+class TextToImage:
+    """Generate images from prompts. Build with :meth:`from_pretrained` or from components."""
+
+    def __init__(self, *, unet, unet_params, vae, vae_params, text_encoder, text_encoder_params,
+                 tokenizer: Tokenizer, schedule: NoiseSchedule, sample_size: int):
+        self.unet, self.unet_params = unet, unet_params
+        self.vae, self.vae_params = vae, vae_params
+        self.text_encoder, self.text_encoder_params = text_encoder, text_encoder_params
+        self.tokenizer = tokenizer
+        self.schedule = schedule
+        self.sample_size = sample_size  # default latent side
+
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike, *, dtype=jnp.float32) -> "TextToImage":
+        """Load a diffusers or snapjax pipeline folder; ``dtype`` is the compute dtype."""
+        path = Path(path)
+        _check_pipeline_folder(path)
+        unet, unet_params = pretrained.load_component(path / "unet", "unet", dtype=dtype)
+        vae, vae_params = pretrained.load_component(path / "vae", "vae", dtype=dtype)
+        text_encoder, text_params = pretrained.load_component(
+            path / "text_encoder", "text_encoder", dtype=dtype)
+        tokenizer = Tokenizer.from_folder(path / "tokenizer")
+        if (path / PIPELINE_FILE).is_file():
+            meta = json.loads((path / PIPELINE_FILE).read_text())
+            schedule = NoiseSchedule(**meta["scheduler"])
+            sample_size = int(meta["sample_size"])
+        else:
+            config = path / "scheduler" / "scheduler_config.json"
+            if not config.is_file():
+                raise FileNotFoundError(f"{path}: no scheduler/scheduler_config.json")
+            schedule = NoiseSchedule.from_diffusers_config(config)
+            unet_config = json.loads((path / "unet" / "config.json").read_text())
+            sample_size = int(unet_config.get("sample_size") or 64)
+        return cls(unet=unet, unet_params=unet_params, vae=vae, vae_params=vae_params,
+                   text_encoder=text_encoder, text_encoder_params=text_params,
+                   tokenizer=tokenizer, schedule=schedule, sample_size=sample_size)
+
+    def save_pretrained(self, path: str | os.PathLike, *, overwrite: bool = False) -> Path:
+        """Write a snapjax pipeline folder (atomically: a temporary sibling renamed into place)."""
+        path = Path(path).absolute()
+        if path.exists() and not overwrite:
+            raise FileExistsError(f"{path} exists; pass overwrite=True (--overwrite) to replace it")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+        try:
+            for kind, module, params in (("unet", self.unet, self.unet_params),
+                                         ("vae", self.vae, self.vae_params),
+                                         ("text_encoder", self.text_encoder,
+                                          self.text_encoder_params)):
+                pretrained.save_model(tmp / kind, kind, module.spec, params)
+            self.tokenizer.save(tmp / "tokenizer")
+            schedule = {k: getattr(self.schedule, k) for k in self.schedule.__dataclass_fields__}
+            (tmp / PIPELINE_FILE).write_text(json.dumps(
+                {"scheduler": schedule, "sample_size": self.sample_size}, indent=1))
+            if path.exists():
+                shutil.rmtree(path)
+            os.replace(tmp, path)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        return path
+
+    @property
+    def vae_factor(self) -> int:
+        return self.vae.spec.downsample_factor
+
+    def encode_prompts(self, prompts: Sequence[str]) -> jax.Array:
+        """Context ``B L D`` for the prompts (the text encoder's last hidden state)."""
+        ids = jnp.asarray(self.tokenizer(list(prompts)))
+        return _encode_text(self.text_encoder, self.text_encoder_params, ids)
+
+    def __call__(self, prompts: str | Sequence[str], *, num_steps: int = 50,
+                 guidance_scale: float = 7.5, seed: int = 0, latents: np.ndarray | None = None,
+                 negative_prompt: str | Sequence[str] | None = None, height: int | None = None,
+                 width: int | None = None, return_latents: bool = False,
+                 first_index: int = 0) -> np.ndarray:
+        """Images ``B H W 3`` uint8, or with ``return_latents`` the final latents ``B h w C``.
+
+        ``latents``: explicit initial noise (NHWC, unscaled); else drawn per example from
+        ``(seed, first_index + i)``, so a prompt's image does not depend on how prompts are batched.
+        Guidance uses ``negative_prompt`` (default: the empty prompt) when ``guidance_scale != 1``.
+        """
+        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        if not prompts:
+            raise ValueError("no prompts given")
+        batch = len(prompts)
+        latents = self._initial_latents(batch, seed, latents, height, width, first_index)
+        ctx_cond = self.encode_prompts(prompts)
+        ctx_uncond = None
+        if guidance_scale != 1:
+            negative = negative_prompt if negative_prompt is not None else ""
+            negative = [negative] * batch if isinstance(negative, str) else list(negative)
+            if len(negative) != batch:
+                raise ValueError(f"{len(negative)} negative prompts for {batch} prompts")
+            ctx_uncond = self.encode_prompts(negative)
+        denoise = functools.partial(self.unet.apply, {"params": self.unet_params})
+        final = ddim.sample(denoise, latents, ctx_cond, ctx_uncond, schedule=self.schedule,
+                            num_steps=num_steps, guidance_scale=guidance_scale)
+        if return_latents:
+            return np.asarray(final)
+        return np.asarray(_decode_images(self.vae, self.vae_params, final))
+
+    def _initial_latents(self, batch, seed, latents, height, width, first_index) -> jax.Array:
+        channels = self.unet.spec.in_channels
+        if latents is not None:
+            latents = jnp.asarray(latents, jnp.float32)
+            if latents.ndim != 4 or latents.shape[0] != batch or latents.shape[-1] != channels:
+                raise ValueError(f"latents must be ({batch}, h, w, {channels}) (NHWC, one per "
+                                 f"prompt), got {tuple(latents.shape)}")
+            return latents
+        h = self._latent_side("height", height)
+        w = self._latent_side("width", width)
+        keys = jax.vmap(functools.partial(jax.random.fold_in, jax.random.key(seed)))(
+            jnp.arange(first_index, first_index + batch))
+        return jax.vmap(lambda k: jax.random.normal(k, (h, w, channels), jnp.float32))(keys)
+
+    def _latent_side(self, name: str, pixels: int | None) -> int:
+        if pixels is None:
+            return self.sample_size
+        multiple = self.vae_factor * 2 ** (self.unet.spec.num_stages - 1)
+        if pixels <= 0 or pixels % multiple:
+            raise ValueError(f"{name}={pixels} must be a positive multiple of {multiple} "
+                             "(VAE factor x UNet downsampling)")
+        return pixels // self.vae_factor
+
+
+def image_grid(images_BHWC: np.ndarray, columns: int | None = None) -> np.ndarray:
+    """Tile images into one (rows*H, columns*W, 3) array, row-major, black padding."""
+    images_BHWC = np.asarray(images_BHWC)
+    b, h, w, c = images_BHWC.shape
+    columns = columns or int(np.ceil(np.sqrt(b)))
+    rows = -(-b // columns)
+    grid = np.zeros((rows * h, columns * w, c), images_BHWC.dtype)
+    for i, img in enumerate(images_BHWC):
+        r, col = divmod(i, columns)
+        grid[r * h:(r + 1) * h, col * w:(col + 1) * w] = img
+    return grid

@@ -1,0 +1,170 @@
+"""snapjax's own model folders: a spec JSON beside Orbax-saved params.
+
+A model folder holds ``snapjax_model.json`` (``{"kind": "unet"|"vae"|"text_encoder", "spec": {...}}``)
+and ``params/`` (an Orbax StandardCheckpointer tree). Later stages read these and never need
+PyTorch; :func:`load_component` also accepts a diffusers/transformers folder of the same kind.
+Writes go to a temporary sibling folder renamed into place, so a crash never leaves a
+half-written model behind.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+MODEL_FILE = "snapjax_model.json"
+KINDS = ("unet", "vae", "text_encoder")
+
+
+def _spec_class(kind: str):
+    if kind == "unet":
+        from snapjax.models.unet_spec import UNetSpec
+        return UNetSpec
+    if kind == "vae":
+        from snapjax.models.vae import VAESpec
+        return VAESpec
+    if kind == "text_encoder":
+        from snapjax.models.text_encoder import TextEncoderSpec
+        return TextEncoderSpec
+    raise ValueError(f"unknown model kind {kind!r}; expected one of {KINDS}")
+
+
+def build_module(kind: str, spec: Any, dtype=jnp.float32):
+    """The Flax module for a kind and spec, with the given compute dtype."""
+    if kind == "unet":
+        from snapjax.models.unet import UNet
+        return UNet(spec=spec, dtype=dtype)
+    if kind == "vae":
+        from snapjax.models.vae import VAE
+        return VAE(spec=spec, dtype=dtype)
+    if kind == "text_encoder":
+        from snapjax.models.text_encoder import TextEncoder
+        return TextEncoder(spec=spec, dtype=dtype)
+    raise ValueError(f"unknown model kind {kind!r}; expected one of {KINDS}")
+
+
+def is_snapjax_model(folder: str | Path) -> bool:
+    return (Path(folder) / MODEL_FILE).is_file()
+
+
+def save_model(folder: str | Path, kind: str, spec: Any, params: Any, *,
+               overwrite: bool = False) -> Path:
+    """Write a model folder atomically; refuses an existing folder unless ``overwrite``."""
+    import orbax.checkpoint as ocp
+
+    folder = Path(folder).absolute()
+    _spec_class(kind)  # validates kind
+    if folder.exists() and not overwrite:
+        raise FileExistsError(f"{folder} exists; pass overwrite=True (--overwrite) to replace it")
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=folder.parent))
+    try:
+        (tmp / MODEL_FILE).write_text(json.dumps(
+            {"kind": kind, "spec": json.loads(spec.to_json())}, indent=1))
+        checkpointer = ocp.StandardCheckpointer()
+        checkpointer.save(tmp / "params", jax.device_get(params))
+        checkpointer.wait_until_finished()
+        if folder.exists():
+            shutil.rmtree(folder)
+        os.replace(tmp, folder)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return folder
+
+
+def read_model_spec(folder: str | Path) -> tuple[str, Any]:
+    path = Path(folder) / MODEL_FILE
+    try:
+        meta = json.loads(path.read_text())
+        kind, spec = meta["kind"], meta["spec"]
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{folder}: not a snapjax model folder (no {MODEL_FILE})") from None
+    except (json.JSONDecodeError, KeyError, TypeError) as e:
+        raise ValueError(f"{path}: malformed model file ({e})") from e
+    return kind, _spec_class(kind).from_dict(spec)
+
+
+def load_model(folder: str | Path, *, dtype=jnp.float32, expect_kind: str | None = None):
+    """(module, params) from a snapjax model folder."""
+    import orbax.checkpoint as ocp
+
+    folder = Path(folder).absolute()
+    kind, spec = read_model_spec(folder)
+    if expect_kind is not None and kind != expect_kind:
+        raise ValueError(f"{folder} holds a {kind!r} model, expected {expect_kind!r}")
+    module = build_module(kind, spec, dtype)
+    abstract = abstract_params(kind, spec)
+    try:
+        params = ocp.StandardCheckpointer().restore(folder / "params", abstract)
+    except Exception as e:  # Orbax raises several types for a damaged or mismatched tree
+        raise ValueError(f"{folder / 'params'}: cannot restore parameters for this "
+                         f"{kind} spec ({type(e).__name__}: {e})") from e
+    return module, params
+
+
+def abstract_params(kind: str, spec: Any):
+    """Parameter shapes without allocating them."""
+    module = build_module(kind, spec)
+    return jax.eval_shape(lambda: module.init(jax.random.key(0), *example_inputs(kind, spec)))["params"]
+
+
+def example_inputs(kind: str, spec: Any, *, batch: int = 1, size: int | None = None):
+    """Smallest valid inputs for init/tracing (``size``: latent or image side)."""
+    if kind == "unet":
+        s = size or 2 ** (spec.num_stages - 1)
+        return (jnp.zeros((batch, s, s, spec.in_channels)), jnp.zeros((batch,), jnp.int32),
+                jnp.zeros((batch, 1, spec.context_dim)))
+    if kind == "vae":
+        s = size or 2 ** (len(spec.encoder_channels) - 1)
+        return (jnp.zeros((batch, s, s, spec.in_channels)),)
+    if kind == "text_encoder":
+        return (jnp.zeros((batch, size or spec.max_length), jnp.int32),)
+    raise ValueError(f"unknown model kind {kind!r}")
+
+
+def read_spec(path: str | Path, kind: str) -> Any:
+    """The spec of a snapjax model folder or of a diffusers/transformers folder, without weights."""
+    path = Path(path)
+    if is_snapjax_model(path):
+        found, spec = read_model_spec(path)
+        if found != kind:
+            raise ValueError(f"{path} holds a {found!r} model, expected {kind!r}")
+        return spec
+    config_file = path / "config.json"
+    if not config_file.is_file():
+        raise ValueError(f"{path}: no {MODEL_FILE} or config.json, so not a {kind} model folder")
+    try:
+        config = json.loads(config_file.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{config_file}: not valid JSON ({e})") from e
+    if kind == "unet":
+        from snapjax.convert.unet import spec_from_diffusers_config
+        return spec_from_diffusers_config(config)
+    if kind == "vae":
+        from snapjax.convert.vae import spec_from_diffusers_config
+        return spec_from_diffusers_config(config, str(config_file))
+    from snapjax.convert.text_encoder import spec_from_transformers_config
+    return spec_from_transformers_config(config)
+
+
+def load_component(path: str | Path, kind: str, *, dtype=jnp.float32):
+    """(module, params) from a snapjax model folder or a diffusers/transformers folder."""
+    path = Path(path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"{path}: not a folder (expected a {kind} model folder)")
+    if is_snapjax_model(path):
+        module, params = load_model(path, dtype=dtype, expect_kind=kind)
+        return module, params
+    from snapjax import convert
+    loader = {"unet": convert.load_unet, "vae": convert.load_vae,
+              "text_encoder": convert.load_text_encoder}[kind]
+    module, params = loader(path)
+    return module.clone(dtype=dtype), params
