@@ -55,13 +55,19 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     selected = next((a for a in argv if not a.startswith("-")), None)
     parser = build_parser(selected)
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    # Subcommands that take config overrides (--config.opt.lr=1e-4) set _accepts_overrides and
+    # get the flags argparse does not know as args.overrides; anywhere else they are errors.
+    if extra:
+        if not getattr(args, "_accepts_overrides", False):
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        args.overrides = extra
     if not getattr(args, "_run", None):
         parser.print_help()
         return 0 if not argv or argv[0] in ("-h", "--help") else 2
     try:
         return int(args._run(args) or 0)
-    except (UserError, FileNotFoundError, ValueError) as e:
+    except (UserError, FileNotFoundError, FileExistsError, ValueError) as e:
         # Our own checks raise these with a message naming the bad input; no traceback needed.
         print(f"snapjax {args.command}: error: {e}", file=sys.stderr)
         return 2

@@ -1,0 +1,115 @@
+"""TextToImage against diffusers' StableDiffusionPipeline + DDIMScheduler on a random tiny model."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from snapjax.pipeline import TextToImage, image_grid
+from tests.conftest import max_rel_err
+from tests.tiny_pipeline import build_pipeline
+
+PROMPTS = ["a red circle on the left", "a blue square"]
+
+
+@pytest.fixture(scope="module")
+def pipelines(tmp_path_factory):
+    """(torch pipeline, snapjax pipeline) per (prediction type, spacing), built once."""
+    cache = {}
+
+    def get(prediction_type, spacing):
+        key = (prediction_type, spacing)
+        if key not in cache:
+            folder = tmp_path_factory.mktemp("sd") / "pipe"
+            torch_pipe = build_pipeline(folder, prediction_type=prediction_type,
+                                        timestep_spacing=spacing)
+            cache[key] = (torch_pipe, TextToImage.from_pretrained(folder))
+        return cache[key]
+
+    return get
+
+
+def _torch_latents(pipe, noise_BHWC, steps, guidance):
+    out = pipe(PROMPTS, latents=torch.from_numpy(noise_BHWC).permute(0, 3, 1, 2),
+               num_inference_steps=steps, guidance_scale=guidance, output_type="latent")
+    return out.images.permute(0, 2, 3, 1).numpy()
+
+
+# Tolerance: fp32 on both sides; differences are float rounding accumulated over the steps.
+TOL = 1e-4
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+@pytest.mark.parametrize("spacing", ["leading", "trailing"])
+def test_latents_match_diffusers(pipelines, prediction_type, spacing):
+    torch_pipe, pipe = pipelines(prediction_type, spacing)
+    noise = np.random.default_rng(0).standard_normal((2, 8, 8, 4)).astype(np.float32)
+    settings = [(8, 7.5)] + ([(5, 1.0)] if (prediction_type, spacing) == ("epsilon", "leading") else [])
+    for steps, guidance in settings:
+        ours = pipe(PROMPTS, num_steps=steps, guidance_scale=guidance, latents=noise,
+                    return_latents=True)
+        ref = _torch_latents(torch_pipe, noise, steps, guidance)
+        err = max_rel_err(ours, ref)
+        assert err < TOL, (prediction_type, spacing, steps, guidance, err)
+
+
+def test_images_match_diffusers(pipelines):
+    torch_pipe, pipe = pipelines("epsilon", "leading")
+    noise = np.random.default_rng(1).standard_normal((2, 8, 8, 4)).astype(np.float32)
+    ours = pipe(PROMPTS, num_steps=4, guidance_scale=7.5, latents=noise)
+    ref = torch_pipe(PROMPTS, latents=torch.from_numpy(noise).permute(0, 3, 1, 2),
+                     num_inference_steps=4, guidance_scale=7.5, output_type="np").images
+    ref = (ref * 255).round().astype(np.uint8)
+    assert ours.dtype == np.uint8 and ours.shape == ref.shape == (2, 16, 16, 3)
+    # uint8 rounding of nearly-equal floats may differ by one level at a few pixels.
+    assert np.abs(ours.astype(int) - ref.astype(int)).max() <= 1
+
+
+def test_negative_prompt_and_seed(pipelines):
+    _, pipe = pipelines("epsilon", "leading")
+    a = pipe(PROMPTS, num_steps=2, seed=3, return_latents=True)
+    b = pipe(PROMPTS, num_steps=2, seed=3, return_latents=True)
+    c = pipe(PROMPTS, num_steps=2, seed=4, return_latents=True)
+    d = pipe(PROMPTS, num_steps=2, seed=3, negative_prompt="green", return_latents=True)
+    np.testing.assert_array_equal(a, b)
+    assert np.abs(a - c).max() > 1e-3 and np.abs(a - d).max() > 1e-3
+    # A prompt's noise depends on (seed, index), not on how prompts are batched.
+    # (A batch of 1 runs other XLA kernels than a batch of 2, hence float32-rounding tolerance.)
+    second = pipe(PROMPTS[1:], num_steps=2, seed=3, first_index=1, return_latents=True)
+    assert max_rel_err(second[0], a[1]) < 1e-5
+
+
+def test_save_and_reload_snapjax_folder(pipelines, tmp_path):
+    _, pipe = pipelines("v_prediction", "trailing")
+    out = pipe.save_pretrained(tmp_path / "snap")
+    with pytest.raises(FileExistsError, match="exists"):
+        pipe.save_pretrained(tmp_path / "snap")
+    again = TextToImage.from_pretrained(out)
+    assert again.schedule == pipe.schedule and again.sample_size == pipe.sample_size
+    a = pipe(PROMPTS, num_steps=3, seed=0, return_latents=True)
+    b = again(PROMPTS, num_steps=3, seed=0, return_latents=True)
+    np.testing.assert_array_equal(a, b)
+
+
+def test_bad_inputs(pipelines, tmp_path):
+    _, pipe = pipelines("epsilon", "leading")
+    with pytest.raises(ValueError, match=r"latents must be \(2, h, w, 4\)"):
+        pipe(PROMPTS, latents=np.zeros((1, 8, 8, 4), np.float32))
+    with pytest.raises(ValueError, match="height=18"):
+        pipe(PROMPTS, height=18)
+    with pytest.raises(FileNotFoundError, match="not a folder"):
+        TextToImage.from_pretrained(tmp_path / "nowhere")
+    (tmp_path / "half").mkdir()
+    (tmp_path / "half" / "model_index.json").write_text("{}")
+    (tmp_path / "half" / "unet").mkdir()
+    with pytest.raises(FileNotFoundError, match="without vae/, text_encoder/, tokenizer/"):
+        TextToImage.from_pretrained(tmp_path / "half")
+
+
+def test_image_grid():
+    images = np.arange(3 * 2 * 2 * 3, dtype=np.uint8).reshape(3, 2, 2, 3)
+    grid = image_grid(images, columns=2)
+    assert grid.shape == (4, 4, 3)
+    np.testing.assert_array_equal(grid[:2, 2:], images[1])
+    np.testing.assert_array_equal(grid[2:, 2:], 0)
