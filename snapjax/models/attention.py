@@ -13,9 +13,14 @@ import jax.numpy as jnp
 
 
 def dot_product_attention(q_BLNH: jax.Array, k_BSNH: jax.Array, v_BSNH: jax.Array, *,
-                          is_causal: bool = False) -> jax.Array:
-    """Softmax attention with scale 1/sqrt(H); returns B L N H."""
-    return jax.nn.dot_product_attention(q_BLNH, k_BSNH, v_BSNH, is_causal=is_causal)
+                          is_causal: bool = False, implementation: str | None = None) -> jax.Array:
+    """Softmax attention with scale 1/sqrt(H); returns B L N H.
+
+    ``implementation`` is passed to ``jax.nn.dot_product_attention``: None (XLA; scores and softmax
+    in float32 whatever the input dtype), 'xla', or 'cudnn' (fused, GPU only, bf16/fp16 only).
+    """
+    return jax.nn.dot_product_attention(q_BLNH, k_BSNH, v_BSNH, is_causal=is_causal,
+                                        implementation=implementation)
 
 
 class Attention(nn.Module):
@@ -30,6 +35,7 @@ class Attention(nn.Module):
     out_bias: bool = True
     is_causal: bool = False
     dtype: jnp.dtype = jnp.float32
+    implementation: str | None = None  # see dot_product_attention
 
     @nn.compact
     def __call__(self, x_BLD: jax.Array, ctx_BSD: jax.Array | None = None) -> jax.Array:
@@ -44,6 +50,7 @@ class Attention(nn.Module):
         q = proj("to_q", x_BLD, self.qkv_bias).reshape(B, L, self.heads, self.head_dim)
         k = proj("to_k", ctx_BSD, self.qkv_bias).reshape(B, S, self.heads, self.head_dim)
         v = proj("to_v", ctx_BSD, self.qkv_bias).reshape(B, S, self.heads, self.head_dim)
-        o_BLNH = dot_product_attention(q, k, v, is_causal=self.is_causal)
+        o_BLNH = dot_product_attention(q, k, v, is_causal=self.is_causal,
+                                       implementation=self.implementation)
         return nn.Dense(D, use_bias=self.out_bias, dtype=self.dtype, name="to_out")(
             o_BLNH.reshape(B, L, inner))

@@ -44,7 +44,8 @@ class UNetSpec:
     down: tuple[tuple[str, ...], ...] = (("RA", "RA"), ("RA", "RA"), ("RA", "RA"), ("R", "R"))
     up: tuple[tuple[str, ...], ...] = (
         ("RA", "RA", "RA"), ("RA", "RA", "RA"), ("RA", "RA", "RA"), ("R", "R", "R"))
-    mid: str = "RAR"  # "RAR", "RR" (attention removed), or "" (no mid block)
+    # "RAR", "RR" (attention removed), "R" (one ResNet: diffusers' UNetMidBlock2D) or "" (none)
+    mid: str = "RAR"
     in_channels: int = 4
     out_channels: int = 4
     # Attention heads per stage (diffusers' SD-v1.5 config calls this attention_head_dim: 8).
@@ -74,8 +75,8 @@ class UNetSpec:
                     f"UNetSpec stage {s}: {len(self.down[s])} down units push "
                     f"{len(self.down[s]) + 1} skips (with the conv_in/downsampler skip) but "
                     f"{len(self.up[s])} up units pop them; need len(up[{s}]) == len(down[{s}]) + 1")
-        if self.mid not in ("RAR", "RR", ""):
-            raise ValueError(f"UNetSpec.mid={self.mid!r}: expected 'RAR', 'RR' or ''")
+        if self.mid not in ("RAR", "RR", "R", ""):
+            raise ValueError(f"UNetSpec.mid={self.mid!r}: expected 'RAR', 'RR', 'R' or ''")
         for s, c in enumerate(self.block_channels):
             if c % self.norm_groups:
                 raise ValueError(f"UNetSpec.block_channels[{s}]={c} is not divisible by "
@@ -114,7 +115,8 @@ class UNetSpec:
             names.append("mid_res_0")
             if self.mid == "RAR":
                 names.append("mid_attn")
-            names.append("mid_res_1")
+            if len(self.mid) > 1:
+                names.append("mid_res_1")
         for s in reversed(range(self.num_stages)):
             for u, unit in enumerate(self.up[s]):
                 unit_blocks(f"up_{s}_{u}", unit)

@@ -1,0 +1,218 @@
+"""The spec-driven UNet on its own: parameter names, dropping = removing, jit, input checks.
+
+Parity with diffusers is in tests/convert/test_unet_import.py; here the reference for a dropped
+block is the same network with that block removed from the spec and its parameters pruned.
+"""
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from snapjax.models.unet import UNet, abstract_unet_params, count_params, init_unet
+from snapjax.models.unet_spec import SD15, TINY, UNetSpec
+
+# TINY with a same-width removed ResNet (no parameters at all), a width-changing one
+# (conv_shortcut only) and a removed up ResNet (conv_shortcut for the concatenated skip).
+PRUNED = dataclasses.replace(
+    TINY, down=(("RA", "r"), ("rA", "R")), up=(("RA", "rA", "R"), ("R", "r", "R")),
+    num_heads=(2, 4))
+
+
+@functools.lru_cache(maxsize=None)
+def forward(spec: UNetSpec, dtype=jnp.float32):
+    """A jitted apply per network: XLA's CPU compile, not the run, is what costs here."""
+    model = UNet(spec, dtype)
+    return jax.jit(lambda params, x, t, ctx, mask=None:
+                   model.apply({"params": params}, x, t, ctx, mask))
+
+
+def inputs(spec: UNetSpec, B=2, size=8, S=5, seed=0):
+    k1, k2 = jax.random.split(jax.random.key(seed))
+    return (jax.random.normal(k1, (B, size, size, spec.in_channels)),
+            jnp.array([3.0, 870.0][:B]),
+            jax.random.normal(k2, (B, S, spec.context_dim)))
+
+
+def noisy_params(spec: UNetSpec, seed=1) -> dict:
+    """Random weights straight from the abstract tree (numpy: no XLA compile of initialisers).
+
+    Kernels ~ N(0, 1/fan_in); norm scales 1 + noise and biases noise, so that no parameter is
+    a no-op that could hide a wiring bug.
+    """
+    rs = np.random.default_rng(seed)
+
+    def leaf(path, x):
+        name = path[-1].key
+        if name == "kernel":
+            fan_in = int(np.prod(x.shape[:-1]))
+            return jnp.asarray(rs.normal(0, fan_in ** -0.5, x.shape), jnp.float32)
+        base = 1.0 if name == "scale" else 0.0
+        return jnp.asarray(base + rs.normal(0, 0.05, x.shape), jnp.float32)
+
+    return jax.tree_util.tree_map_with_path(leaf, abstract_unet_params(spec))
+
+
+def test_parameter_tree_names():
+    p = abstract_unet_params(TINY)
+    assert set(p) == {
+        "conv_in", "time_embedding", "down_0_0_res", "down_0_0_attn", "down_0_downsample",
+        "down_1_0_res", "mid_res_0", "mid_attn", "mid_res_1", "up_1_0_res", "up_1_1_res",
+        "up_1_upsample", "up_0_0_res", "up_0_0_attn", "up_0_1_res", "up_0_1_attn",
+        "conv_norm_out", "conv_out"}
+    assert set(p["time_embedding"]) == {"linear_1", "linear_2"}
+    assert set(p["down_0_0_res"]) == {"norm1", "conv1", "time_emb_proj", "norm2", "conv2"}
+    assert set(p["up_0_0_res"]) == {"norm1", "conv1", "time_emb_proj", "norm2", "conv2",
+                                    "conv_shortcut"}
+    assert set(p["down_0_downsample"]) == {"conv"}
+    assert set(p["mid_attn"]) == {"norm", "proj_in", "block_0", "proj_out"}
+    assert set(p["mid_attn"]["block_0"]) == {"norm1", "attn1", "norm2", "attn2", "norm3",
+                                             "ff_proj", "ff_out"}
+    assert set(p["mid_attn"]["block_0"]["attn2"]) == {"to_q", "to_k", "to_v", "to_out"}
+    # GEGLU: one Dense to 2 * 4 * C, then C.
+    assert p["mid_attn"]["block_0"]["ff_proj"]["kernel"].shape == (64, 512)
+    assert p["mid_attn"]["block_0"]["ff_out"]["kernel"].shape == (256, 64)
+    assert p["mid_attn"]["block_0"]["attn2"]["to_k"]["kernel"].shape == (TINY.context_dim, 64)
+    assert set(abstract_unet_params(TINY)) == set(p)  # the cached tree is not shared/mutated
+    # Every droppable block is a parameter subtree of that name.
+    assert set(TINY.block_names()) <= set(p)
+
+
+def test_removed_resnets_keep_only_their_shortcut():
+    p = abstract_unet_params(PRUNED)
+    assert "down_0_1_res" not in p                     # 'r' at constant width: nothing left
+    assert set(p["down_1_0_res"]) == {"conv_shortcut"}  # 32 -> 64
+    assert set(p["up_1_1_res"]) == {"conv_shortcut"}    # concatenated skip
+    assert set(p["up_0_1_res"]) == {"conv_shortcut"} and "up_0_1_attn" in p
+    assert set(p) >= set(PRUNED.block_names())
+    assert not {"down_0_1_res", "down_1_0_res", "up_1_1_res", "up_0_1_res"} & set(
+        PRUNED.block_names())
+
+
+def test_sd15_parameter_count_without_memory():
+    # 859,520,964 is diffusers' UNet2DConditionModel count for the SD-v1.5 config.
+    assert count_params(abstract_unet_params(SD15)) == 859_520_964
+
+
+@pytest.mark.slow  # XLA's CPU compile of a few hundred random initialisers: minutes here
+def test_init_matches_abstract_tree():
+    spec = dataclasses.replace(TINY, block_channels=(8, 16), num_heads=(2, 2), context_dim=8,
+                               norm_groups=4)  # small: XLA's CPU compile of the init is slow
+    params = init_unet(spec, jax.random.key(0))
+    shapes = jax.tree.map(lambda x: (x.shape, x.dtype), params)
+    assert shapes == jax.tree.map(lambda x: (x.shape, x.dtype), abstract_unet_params(spec))
+    assert float(jnp.abs(params["conv_in"]["kernel"]).max()) > 0
+
+
+def test_bf16_compute_keeps_fp32_params_and_output(rel_err):
+    params = noisy_params(TINY)
+    x, t, ctx = inputs(TINY)
+    ref = forward(TINY)(params, x, t, ctx)
+    out = forward(TINY, jnp.bfloat16)(params, x, t, ctx)
+    assert out.dtype == jnp.float32 and out.shape == x.shape[:3] + (TINY.out_channels,)
+    assert all(leaf.dtype == jnp.float32 for leaf in jax.tree.leaves(params))
+    assert rel_err(out, ref) < 3e-2  # bf16 has 8 mantissa bits; a wiring bug gives O(1)
+
+
+def test_all_ones_mask_is_no_mask(rel_err):
+    params = noisy_params(PRUNED)
+    x, t, ctx = inputs(PRUNED)
+    ref = forward(PRUNED)(params, x, t, ctx)
+    out = forward(PRUNED)(params, x, t, ctx, jnp.ones(PRUNED.num_blocks))
+    assert rel_err(out, ref) < 1e-6
+
+
+def remove_block(spec: UNetSpec, params: dict, name: str) -> tuple[UNetSpec, dict]:
+    """The reference: ``spec`` without block ``name`` and ``params`` pruned to match."""
+    params = dict(params)
+    kind = name.rsplit("_", 1)[1]
+    if name.startswith("mid"):
+        assert name == "mid_attn", "only the mid attention can be removed from a spec"
+        del params[name]
+        return dataclasses.replace(spec, mid="RR"), params
+    path, s, u = name.split("_")[:3]
+    s, u = int(s), int(u)
+    units = [list(stage) for stage in getattr(spec, path)]
+    unit = units[s][u]
+    units[s][u] = unit.replace("A", "") if kind == "attn" else "r" + unit[1:]
+    if kind == "attn" or "conv_shortcut" not in params[name]:
+        del params[name]
+    else:
+        params[name] = {"conv_shortcut": params[name]["conv_shortcut"]}
+    new = dataclasses.replace(spec, **{path: tuple(tuple(stage) for stage in units)})
+    return new, params
+
+
+@pytest.mark.parametrize("name", ["down_0_0_attn", "down_0_0_res", "mid_attn", "mid_res_1",
+                                  "up_1_0_res"])
+def test_dropping_a_block_is_removing_it(name, rel_err):
+    spec = PRUNED
+    params = noisy_params(spec)
+    x, t, ctx = inputs(spec)
+    mask = np.ones(spec.num_blocks, np.float32)
+    mask[spec.block_names().index(name)] = 0.0
+    dropped = forward(spec)(params, x, t, ctx, jnp.asarray(mask))
+    full = forward(spec)(params, x, t, ctx, jnp.ones(spec.num_blocks))
+    assert rel_err(dropped, full) > 1e-3  # the block mattered
+    if name == "mid_res_1":  # a spec cannot remove a mid ResNet; dropping it is the identity
+        mid_only = _mid_res_identity_reference(spec, params, x, t, ctx)
+        assert rel_err(dropped, mid_only) < 1e-5
+        return
+    small_spec, small_params = remove_block(spec, params, name)
+    assert jax.tree.structure(small_params) == jax.tree.structure(
+        abstract_unet_params(small_spec))
+    ref = forward(small_spec)(small_params, x, t, ctx)
+    assert rel_err(dropped, ref) < 1e-5
+
+
+def _mid_res_identity_reference(spec, params, x, t, ctx):
+    # Zeroing conv2 (kernel and bias) makes the residual branch exactly zero: the block is its
+    # (identity) shortcut, which is what dropping it must give.
+    params = jax.tree.map(lambda a: a, params)
+    params["mid_res_1"] = dict(params["mid_res_1"])
+    params["mid_res_1"]["conv2"] = jax.tree.map(jnp.zeros_like, params["mid_res_1"]["conv2"])
+    return forward(spec)(params, x, t, ctx, jnp.ones(spec.num_blocks))
+
+
+def test_masks_under_jit_trace_once(rel_err):
+    params = noisy_params(TINY)
+    x, t, ctx = inputs(TINY)
+    model = UNet(TINY)
+    traces = []
+
+    @jax.jit
+    def run(params, mask):
+        traces.append(1)  # runs only while tracing
+        return model.apply({"params": params}, x, t, ctx, mask)
+
+    outs = []
+    for seed in range(3):
+        mask = jax.random.bernoulli(jax.random.key(seed), 0.5, (TINY.num_blocks,))
+        outs.append(run(params, mask.astype(jnp.float32)))
+    outs.append(run(params, jnp.ones(TINY.num_blocks)))
+    assert len(traces) == 1
+    assert rel_err(outs[-1], forward(TINY)(params, x, t, ctx)) < 1e-6
+    assert rel_err(outs[0], outs[-1]) > 1e-3
+
+
+@pytest.mark.parametrize("bad, message", [
+    (dict(mask=jnp.ones(3)), f"block_mask must have shape ({TINY.num_blocks},)"),
+    (dict(size=9), "multiples of 2 (2 stages), got 9x9"),
+    (dict(ctx_dim=7), f"context must be (2, L, {TINY.context_dim})"),
+    (dict(channels=3), f"B H W {TINY.in_channels}"),
+    (dict(t=jnp.zeros(3)), "timesteps must be a scalar or shape (2,)"),
+])
+def test_bad_inputs_name_the_problem(bad, message):
+    params = abstract_unet_params(TINY)
+    B = 2
+    size = bad.get("size", 8)
+    x = jnp.zeros((B, size, size, bad.get("channels", TINY.in_channels)))
+    ctx = jnp.zeros((B, 4, bad.get("ctx_dim", TINY.context_dim)))
+    t = bad.get("t", jnp.zeros(B))
+    with pytest.raises(ValueError) as e:
+        jax.eval_shape(lambda p: UNet(TINY).apply({"params": p}, x, t, ctx, bad.get("mask")),
+                       params)
+    assert message in str(e.value)
