@@ -1,0 +1,208 @@
+"""Pure, module-level train steps: one per objective, all of the form
+
+    step(state, batch, rng, frozen, *, <options>) -> (new_state, metrics)
+
+Legend: B batch, H W image height/width, h w latent height/width, C latent channels,
+L tokens, D context width, A microbatches.
+
+``frozen`` holds the models that are used but not trained (the VAE that encodes images for the
+UNet, a frozen text encoder, the empty-prompt ids or context); it is a separate argument so that
+jit does not donate it and the optimizer never sees it. Every option is bound with
+``functools.partial`` before ``jax.jit``, so nothing inside the traced code branches on a
+config. Randomness: ``jax.random.fold_in(rng, state.step)``, so a resumed run draws exactly
+the numbers the uninterrupted run would have drawn.
+
+Gradient accumulation is a ``lax.scan`` over A microbatches inside the step, not
+``optax.MultiSteps``: one call stays one optimizer update (step counter, learning rate, EMA and
+checkpoints all count real updates), activations are held for one microbatch at a time, and the
+accumulated gradient is the full-batch gradient (the losses are means), which the tests check.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+
+from snapjax.diffusion.parametrization import add_noise, from_x_eps
+from snapjax.diffusion.schedule import NoiseSchedule, alpha_sigma, alphas_cumprod
+from snapjax.models.vae import sample_latent
+from snapjax.train.state import TrainState
+
+# loss_fn(params, frozen, batch, rng) -> (scalar loss, dict of scalar metrics)
+LossFn = Callable[[Any, Any, dict, jax.Array], tuple[jax.Array, dict]]
+
+
+# ----------------------------------------------------------------------------- shared update
+
+def _split_microbatches(batch: dict, microbatches: int) -> dict:
+    """(B, ...) -> (A, B/A, ...) with microbatch i = rows i, i+A, i+2A, ...
+
+    Strided rather than contiguous so that every microbatch takes rows from every device's
+    block of the batch: the split needs no communication and keeps all devices busy.
+    """
+    def split(x):
+        x = x.reshape((x.shape[0] // microbatches, microbatches) + x.shape[1:])
+        return jnp.swapaxes(x, 0, 1)
+    return jax.tree.map(split, batch)
+
+
+def _loss_and_grads(loss_fn: LossFn, params, frozen, batch: dict, rng: jax.Array,
+                    microbatches: int):
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+    if microbatches == 1:
+        (loss, metrics), grads = grad_fn(params, frozen, batch, rng)
+        return loss, metrics, grads
+
+    def body(grads_sum, xs):
+        micro, i = xs
+        (loss, metrics), grads = grad_fn(params, frozen, micro, jax.random.fold_in(rng, i))
+        return jax.tree.map(jnp.add, grads_sum, grads), (loss, metrics)
+
+    zeros = jax.tree.map(jnp.zeros_like, params)
+    grads_sum, (losses, metrics) = jax.lax.scan(
+        body, zeros, (_split_microbatches(batch, microbatches), jnp.arange(microbatches)))
+    grads = jax.tree.map(lambda g: g / microbatches, grads_sum)
+    return losses.mean(), jax.tree.map(jnp.mean, metrics), grads
+
+
+def train_step(state: TrainState, batch: dict, rng: jax.Array, frozen: Any, *, loss_fn: LossFn,
+               optimizer: optax.GradientTransformation, ema_decay: float,
+               microbatches: int = 1) -> tuple[TrainState, dict]:
+    """One optimizer update of ``state.params`` on ``loss_fn``; EMA follows the new params."""
+    rng = jax.random.fold_in(rng, state.step)
+    loss, metrics, grads = _loss_and_grads(loss_fn, state.params, frozen, batch, rng, microbatches)
+    updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    ema = optax.incremental_update(params, state.ema_params, step_size=1.0 - ema_decay)
+    metrics = dict(metrics, loss=loss, grad_norm=optax.global_norm(grads),
+                   param_norm=optax.global_norm(params))
+    new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state,
+                              ema_params=ema)
+    return new_state, metrics
+
+
+# ----------------------------------------------------------------------------- UNet diffusion
+
+def model_range(image_BHWC: jax.Array) -> jax.Array:
+    """Images as the VAE takes them, float32 in [-1, 1]; uint8 batches (4x less host-to-device
+    traffic) are converted here, on device."""
+    if jnp.issubdtype(image_BHWC.dtype, jnp.integer):
+        return image_BHWC.astype(jnp.float32) * (2.0 / 255.0) - 1.0
+    return image_BHWC.astype(jnp.float32)
+
+
+def min_snr_weight(abar_B: jax.Array, gamma: float | None, prediction_type: str) -> jax.Array:
+    """Min-SNR-gamma loss weight (Hang et al. 2023) for an eps or v loss; 1 without gamma.
+
+    With snr = abar / (1 - abar): eps loss weight min(snr, gamma) / snr, v loss weight
+    min(snr, gamma) / (snr + 1) (the v loss already carries a factor snr + 1 relative to x).
+    """
+    if gamma is None:
+        return jnp.ones_like(abar_B)
+    snr = abar_B / (1.0 - abar_B)
+    clipped = jnp.minimum(snr, gamma)
+    if prediction_type == "v_prediction":
+        return clipped / (snr + 1.0)
+    if prediction_type == "epsilon":
+        return clipped / snr
+    return clipped  # "sample": the x loss is snr times the eps loss
+
+
+def cached_inputs(params, frozen, batch: dict, rng: jax.Array, *, caption_dropout: float):
+    """Prepared shards: ``latent`` (B, h, w, C), already scaled, and ``context`` (B, L, D).
+
+    Caption dropout swaps in ``frozen["empty_context"]`` (1, L, D), the empty prompt's encoding.
+    """
+    del params
+    latents, ctx = batch["latent"], batch["context"]
+    drop_B = jax.random.bernoulli(rng, caption_dropout, (ctx.shape[0],))
+    ctx = jnp.where(drop_B[:, None, None], frozen["empty_context"].astype(ctx.dtype), ctx)
+    return latents.astype(jnp.float32), ctx
+
+
+def encoded_inputs(params, frozen, batch: dict, rng: jax.Array, *, vae: nn.Module,
+                   text_encoder: nn.Module, text_trainable: bool, caption_dropout: float):
+    """Raw data: ``image`` (B, H, W, 3) (see :func:`model_range`) and ``input_ids`` (B, L).
+
+    The frozen VAE encodes (a posterior sample, scaled by ``vae.spec.scaling_factor``); the
+    text encoder comes from ``params`` when it is trained, else from ``frozen``. Caption
+    dropout replaces the ids with ``frozen["empty_ids"]`` (1, L): the empty prompt's context.
+    """
+    r_drop, r_post = jax.random.split(rng)
+    mean, logvar = vae.apply({"params": frozen["vae"]}, model_range(batch["image"]),
+                             method="encode")
+    latents = sample_latent(mean, logvar, r_post) * vae.spec.scaling_factor
+    ids = batch["input_ids"]
+    drop_B = jax.random.bernoulli(r_drop, caption_dropout, (ids.shape[0],))
+    ids = jnp.where(drop_B[:, None], frozen["empty_ids"].astype(ids.dtype), ids)
+    text_params = params["text_encoder"] if text_trainable else frozen["text_encoder"]
+    ctx = text_encoder.apply({"params": text_params}, ids)
+    return jax.lax.stop_gradient(latents), ctx
+
+
+def diffusion_loss(params, frozen, batch: dict, rng: jax.Array, *, unet: nn.Module,
+                   inputs: Callable, schedule: NoiseSchedule,
+                   min_snr_gamma: float | None = None) -> tuple[jax.Array, dict]:
+    """Denoising loss of ``params["unet"]`` for the schedule's prediction type (eps or v)."""
+    r_in, r_t, r_eps = jax.random.split(rng, 3)
+    x, ctx_BLD = inputs(params, frozen, batch, r_in)
+    B = x.shape[0]
+    abar_T = jnp.asarray(alphas_cumprod(schedule))
+    t_B = jax.random.randint(r_t, (B,), 0, schedule.num_train_timesteps)
+    eps = jax.random.normal(r_eps, x.shape, jnp.float32)
+    abar_B = abar_T[t_B]
+    alpha_B, sigma_B = alpha_sigma(abar_B)
+    z_t = add_noise(x, eps, alpha_B, sigma_B)
+    target = from_x_eps(x, eps, alpha_B, sigma_B, schedule.prediction_type)
+    pred = unet.apply({"params": params["unet"]}, z_t, t_B, ctx_BLD)
+    per_example_B = jnp.mean(jnp.square(pred.astype(jnp.float32) - target), axis=(1, 2, 3))
+    weight_B = min_snr_weight(abar_B, min_snr_gamma, schedule.prediction_type)
+    loss = jnp.mean(weight_B * per_example_B)
+    return loss, {"mse": jnp.mean(per_example_B)}
+
+
+def unet_diffusion_step(state: TrainState, batch: dict, rng: jax.Array, frozen: Any, *,
+                        unet: nn.Module, schedule: NoiseSchedule, inputs: Callable,
+                        optimizer: optax.GradientTransformation, ema_decay: float,
+                        min_snr_gamma: float | None = None,
+                        microbatches: int = 1) -> tuple[TrainState, dict]:
+    """One UNet update. ``inputs`` is :func:`cached_inputs` or :func:`encoded_inputs` with
+    their options (caption dropout, text encoder) bound."""
+    loss_fn = functools.partial(diffusion_loss, unet=unet, inputs=inputs, schedule=schedule,
+                    min_snr_gamma=min_snr_gamma)
+    return train_step(state, batch, rng, frozen, loss_fn=loss_fn, optimizer=optimizer,
+                      ema_decay=ema_decay, microbatches=microbatches)
+
+
+# ----------------------------------------------------------------------------- VAE
+
+def vae_loss(params, frozen, batch: dict, rng: jax.Array, *, vae: nn.Module, kl_weight: float,
+             recon: str) -> tuple[jax.Array, dict]:
+    """KL autoencoder: reconstruction (L1 or L2, mean per pixel) + kl_weight * KL (mean per
+    latent element) of the posterior from N(0, 1). No adversarial or perceptual term."""
+    del frozen
+    x = model_range(batch["image"])
+    mean, logvar = vae.apply({"params": params["vae"]}, x, method="encode")
+    z = sample_latent(mean, logvar, rng)
+    x_rec = vae.apply({"params": params["vae"]}, z, method="decode")
+    diff = x_rec - x
+    rec = jnp.mean(jnp.abs(diff)) if recon == "l1" else jnp.mean(jnp.square(diff))
+    kl = 0.5 * jnp.mean(jnp.square(mean) + jnp.exp(logvar) - 1.0 - logvar)
+    return rec + kl_weight * kl, {"recon": rec, "kl": kl, "latent_std": jnp.std(mean)}
+
+
+def vae_step(state: TrainState, batch: dict, rng: jax.Array, frozen: Any, *, vae: nn.Module,
+             kl_weight: float, recon: str, optimizer: optax.GradientTransformation,
+             ema_decay: float, microbatches: int = 1) -> tuple[TrainState, dict]:
+    """One update of ``state.params["vae"]`` on :func:`vae_loss`."""
+    if recon not in ("l1", "l2"):
+        raise ValueError(f"vae_step: recon={recon!r}, expected 'l1' or 'l2'")
+    loss_fn = functools.partial(vae_loss, vae=vae, kl_weight=kl_weight, recon=recon)
+    return train_step(state, batch, rng, frozen, loss_fn=loss_fn, optimizer=optimizer,
+                      ema_decay=ema_decay, microbatches=microbatches)
