@@ -1,0 +1,128 @@
+"""``snapjax export torch|coreml``: plugged into the snapjax CLI through the ``snapjax.commands``
+entry point (snapjax never imports this package).
+
+  snapjax export torch  --checkpoint C --out DIR [--overwrite] [--no-diffusers]
+  snapjax export coreml --checkpoint C --out DIR [--quantize-bits 6] [--attention split_einsum]
+                        [--chunk] [--unet-batch 1] [--latent-size 64] [--steps 8] [--guidance 7.5]
+
+``C`` is a pipeline folder (snapjax or diffusers) or a single model folder.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser("export", help="export a checkpoint to PyTorch / diffusers / "
+                                   "Core ML", description=__doc__.splitlines()[0])
+    targets = parser.add_subparsers(dest="target", metavar="TARGET")
+    targets.required = True
+
+    t = targets.add_parser("torch", help="PyTorch mirrors (+ a diffusers folder where it fits)")
+    _common(t)
+    t.add_argument("--no-diffusers", action="store_true",
+                   help="write only the mirrors, no diffusers pipeline folder")
+    t.set_defaults(_run=run_torch)
+
+    c = targets.add_parser("coreml", help="Core ML packages for Apple's ml-stable-diffusion")
+    _common(c)
+    c.add_argument("--attention", choices=("original", "split_einsum"), default="split_einsum",
+                   help="attention layout: split_einsum for the Neural Engine (default), "
+                        "original for GPU/CPU")
+    c.add_argument("--unet-batch", type=int, choices=(1, 2), default=2,
+                   help="Unet batch: 2 runs guidance's two halves in one call (default)")
+    c.add_argument("--quantize-bits", type=int, default=None, metavar="{4,6,8}",
+                   help="compress weights: 6 or 4 = palettization, 8 = linear int8")
+    c.add_argument("--chunk", action="store_true",
+                   help="split the Unet into UnetChunk1/UnetChunk2 when it is over 1 GB")
+    c.add_argument("--chunk-threshold-mb", type=float, default=1024.0, help=argparse.SUPPRESS)
+    c.add_argument("--compress-min-elements", type=int, default=2048, help=argparse.SUPPRESS)
+    c.add_argument("--latent-size", type=int, default=None,
+                   help="latent side (image side / VAE factor); default: the pipeline's, else 64")
+    c.add_argument("--steps", type=int, default=None,
+                   help="sampling steps for the manifest; default: the pipeline's, else 50")
+    c.add_argument("--guidance", type=float, default=None,
+                   help="guidance scale for the manifest; default: the pipeline's, else 7.5")
+    c.set_defaults(_run=run_coreml)
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--checkpoint", required=True,
+                   help="pipeline folder (snapjax or diffusers) or a single model folder")
+    p.add_argument("--out", required=True, help="output folder (must not exist)")
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    p.add_argument("--components", default=None,
+                   help="comma-separated subset of unet,vae,text_encoder (default: all present)")
+
+
+_START = time.monotonic()
+
+
+def _log(message: str) -> None:
+    print(f"[{time.monotonic() - _START:6.1f}s] {message}", file=sys.stderr, flush=True)
+
+
+def _source(args):
+    from pathlib import Path
+
+    from export.checkpoint import load_source
+
+    out = Path(args.out)
+    if out.exists() and not args.overwrite:
+        # Checked before loading anything: refusing late would waste the whole conversion.
+        raise FileExistsError(f"{out} exists; pass --overwrite to replace it")
+    components = tuple(c.strip() for c in args.components.split(",")) if args.components else None
+    _log(f"reading {args.checkpoint}")
+    return load_source(args.checkpoint, components)
+
+
+def _finish(rows: list[dict], out: str, extra: str = "") -> int:
+    from export.report import Row, format_table
+
+    print(format_table([Row(**r) for r in rows]))
+    print(f"written: {out}" + (f"\n{extra}" if extra else ""))
+    return 0
+
+
+def _guard(fn):
+    """FileExistsError is no ValueError; report it like the CLI's other user errors."""
+    def run(args) -> int:
+        try:
+            return fn(args)
+        except FileExistsError as e:
+            print(f"snapjax export {args.target}: error: {e}", file=sys.stderr)
+            return 2
+    return run
+
+
+@_guard
+def run_torch(args) -> int:
+    from export.torch.export import export_torch
+
+    source = _source(args)
+    report = export_torch(source, args.out, overwrite=args.overwrite,
+                          diffusers=not args.no_diffusers, log=_log)
+    extra = ("diffusers pipeline: " + str(args.out) + "/diffusers" if report.get("diffusers")
+             else "no diffusers folder: " + "; ".join(report.get("diffusers_misfits", []))
+             if report.get("diffusers_misfits") else "")
+    return _finish(report["components"], args.out, extra)
+
+
+@_guard
+def run_coreml(args) -> int:
+    from export.coreml.compress import check_bits
+    from export.coreml.export import CoreMLOptions, export_coreml
+
+    check_bits(args.quantize_bits)  # fail before reading a multi-GB checkpoint
+    opts = CoreMLOptions(
+        attention=args.attention, unet_batch=args.unet_batch, quantize_bits=args.quantize_bits,
+        chunk=args.chunk, chunk_threshold_bytes=int(args.chunk_threshold_mb * 2**20),
+        latent_size=args.latent_size, num_steps=args.steps, guidance_scale=args.guidance,
+        weight_threshold=args.compress_min_elements)
+    source = _source(args)
+    manifest = export_coreml(source, args.out, opts, overwrite=args.overwrite, log=_log)
+    notes = manifest["swift_pipeline"]["notes"]
+    return _finish(manifest["components"], args.out, "Swift pipeline: " + " ".join(notes))

@@ -1,0 +1,213 @@
+"""PyTorch mirror of :class:`snapjax.models.unet.UNet` for any :class:`UNetSpec`.
+
+Legend: B batch, C channels, H height, W width, L tokens (H*W), S context tokens, D context
+width, T time-embedding width, F sinusoid width.
+
+The module tree carries the Flax names (``down_0_0_res.conv1``, ``mid_attn.block_0.attn2.to_q``),
+so removed blocks (``r``, a missing ``A``) simply have no parameters, exactly as in the Flax tree.
+``attention`` picks the layout of the transformers' attention (see :mod:`export.torch.layers`);
+both compute the same function with the same weights.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from export.torch.layers import (ATTENTION_IMPLEMENTATIONS, Attention, Downsample, ResnetBlock,
+                                 Upsample, channel_layer_norm, conv1x1, timestep_embedding)
+from snapjax.models.unet_spec import UNetSpec
+
+# Fixed by diffusers (and snapjax.models.unet): Transformer2D's GroupNorm eps, LayerNorm eps, GEGLU.
+_TRANSFORMER_NORM_EPS = 1e-6
+_LAYER_NORM_EPS = 1e-5
+_FF_MULT = 4
+
+
+class TimestepEmbedding(nn.Module):
+    def __init__(self, in_dim: int, dim: int):
+        super().__init__()
+        self.linear_1 = nn.Linear(in_dim, dim)
+        self.linear_2 = nn.Linear(dim, dim)
+
+    def forward(self, t_BF: torch.Tensor) -> torch.Tensor:
+        return self.linear_2(F.silu(self.linear_1(t_BF)))
+
+
+class TransformerBlock(nn.Module):
+    """BasicTransformerBlock: self-attention, cross-attention, GEGLU feed-forward."""
+
+    def __init__(self, channels: int, heads: int, context_dim: int):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(channels, eps=_LAYER_NORM_EPS)
+        self.attn1 = Attention(channels, heads)
+        self.norm2 = nn.LayerNorm(channels, eps=_LAYER_NORM_EPS)
+        self.attn2 = Attention(channels, heads, context_dim=context_dim)
+        self.norm3 = nn.LayerNorm(channels, eps=_LAYER_NORM_EPS)
+        self.ff_proj = nn.Linear(channels, 2 * _FF_MULT * channels)
+        self.ff_out = nn.Linear(_FF_MULT * channels, channels)
+
+    def forward(self, x_BLC: torch.Tensor, ctx_BSD: torch.Tensor) -> torch.Tensor:
+        x_BLC = x_BLC + self.attn1(self.norm1(x_BLC))
+        x_BLC = x_BLC + self.attn2(self.norm2(x_BLC), ctx_BSD)
+        h, gate = self.ff_proj(self.norm3(x_BLC)).chunk(2, dim=-1)
+        return x_BLC + self.ff_out(h * F.gelu(gate))
+
+    def forward_split_einsum(self, x_BC1L: torch.Tensor, ctx_BD1S: torch.Tensor) -> torch.Tensor:
+        x_BC1L = x_BC1L + self.attn1.forward_split_einsum(channel_layer_norm(x_BC1L, self.norm1))
+        x_BC1L = x_BC1L + self.attn2.forward_split_einsum(channel_layer_norm(x_BC1L, self.norm2),
+                                                          ctx_BD1S)
+        h, gate = conv1x1(channel_layer_norm(x_BC1L, self.norm3), self.ff_proj).chunk(2, dim=1)
+        return x_BC1L + conv1x1(h * F.gelu(gate), self.ff_out)
+
+
+class Transformer2D(nn.Module):
+    """Transformer2DModel on continuous inputs (residual)."""
+
+    def __init__(self, channels: int, heads: int, layers: int, groups: int, context_dim: int,
+                 use_linear_projection: bool):
+        super().__init__()
+        self.linear = use_linear_projection
+        self.norm = nn.GroupNorm(groups, channels, eps=_TRANSFORMER_NORM_EPS)
+        proj = (lambda: nn.Linear(channels, channels)) if self.linear else (
+            lambda: nn.Conv2d(channels, channels, 1))
+        self.proj_in = proj()
+        self.layers = layers
+        for k in range(layers):
+            self.add_module(f"block_{k}", TransformerBlock(channels, heads, context_dim))
+        self.proj_out = proj()
+
+    def _proj(self, layer: nn.Module, x_BCHW: torch.Tensor) -> torch.Tensor:
+        if self.linear:  # a Linear on channels == a 1x1 conv with the same weights
+            return F.conv2d(x_BCHW, layer.weight[:, :, None, None], layer.bias)
+        return layer(x_BCHW)
+
+    def forward(self, x_BCHW: torch.Tensor, ctx_BSD: torch.Tensor, attention: str) -> torch.Tensor:
+        B, C, H, W = x_BCHW.shape
+        h = self._proj(self.proj_in, self.norm(x_BCHW))
+        if attention == "split_einsum":
+            h_BC1L = h.reshape(B, C, 1, H * W)
+            ctx_BD1S = ctx_BSD.transpose(1, 2).unsqueeze(2)
+            for k in range(self.layers):
+                h_BC1L = getattr(self, f"block_{k}").forward_split_einsum(h_BC1L, ctx_BD1S)
+            h = h_BC1L.reshape(B, C, H, W)
+        else:
+            h_BLC = h.reshape(B, C, H * W).transpose(1, 2)
+            for k in range(self.layers):
+                h_BLC = getattr(self, f"block_{k}")(h_BLC, ctx_BSD)
+            h = h_BLC.transpose(1, 2).reshape(B, C, H, W)
+        return x_BCHW + self._proj(self.proj_out, h)
+
+
+class UNetMirror(nn.Module):
+    """``forward(sample_BCHW, timesteps_B, context_BSD) -> output_BCHW``, as snapjax's UNet."""
+
+    def __init__(self, spec: UNetSpec, attention: str = "original"):
+        super().__init__()
+        if attention not in ATTENTION_IMPLEMENTATIONS:
+            raise ValueError(f"attention={attention!r}: expected one of "
+                             f"{ATTENTION_IMPLEMENTATIONS}")
+        self.spec = spec
+        self.attention = attention
+        self.sinusoid_table: torch.Tensor | None = None
+        ch, g, eps, T = spec.block_channels, spec.norm_groups, spec.norm_eps, spec.time_dim
+        self.conv_in = nn.Conv2d(spec.in_channels, ch[0], 3, padding=1)
+        self.time_embedding = TimestepEmbedding(ch[0], T)
+
+        def add_unit(prefix: str, unit: str, s: int, in_ch: int) -> None:
+            self.add_module(f"{prefix}_res", ResnetBlock(in_ch, ch[s], groups=g, eps=eps,
+                                                         temb_channels=T, residual=unit[0] == "R"))
+            if unit.endswith("A"):
+                self.add_module(f"{prefix}_attn", self._transformer(s))
+
+        skips = [ch[0]]
+        x_ch = ch[0]
+        for s in range(spec.num_stages):
+            for u, unit in enumerate(spec.down[s]):
+                add_unit(f"down_{s}_{u}", unit, s, x_ch)
+                x_ch = ch[s]
+                skips.append(x_ch)
+            if s < spec.num_stages - 1:
+                self.add_module(f"down_{s}_downsample", Downsample(ch[s]))
+                skips.append(x_ch)
+        if spec.mid:
+            self.mid_res_0 = ResnetBlock(x_ch, ch[-1], groups=g, eps=eps, temb_channels=T)
+            if spec.mid == "RAR":
+                self.mid_attn = self._transformer(spec.num_stages - 1)
+            self.mid_res_1 = ResnetBlock(ch[-1], ch[-1], groups=g, eps=eps, temb_channels=T)
+            x_ch = ch[-1]
+        for s in reversed(range(spec.num_stages)):
+            for u, unit in enumerate(spec.up[s]):
+                add_unit(f"up_{s}_{u}", unit, s, x_ch + skips.pop())
+                x_ch = ch[s]
+            if s > 0:
+                self.add_module(f"up_{s}_upsample", Upsample(ch[s]))
+        self.conv_norm_out = nn.GroupNorm(g, x_ch, eps=eps)
+        self.conv_out = nn.Conv2d(x_ch, spec.out_channels, 3, padding=1)
+
+    def _transformer(self, s: int) -> Transformer2D:
+        spec = self.spec
+        return Transformer2D(spec.block_channels[s], spec.num_heads[s], spec.transformer_layers[s],
+                             spec.norm_groups, spec.context_dim, spec.use_linear_projection)
+
+    def use_sinusoid_table(self, num_train_timesteps: int) -> None:
+        """Look the sinusoidal features of integer timesteps up in a table computed in float64.
+
+        For fp16 deployment: sin(t f) with t up to 999 loses its phase when t f is rounded to
+        fp16, a table of the exact values does not. Timesteps are rounded to integers.
+        """
+        t = np.arange(num_train_timesteps, dtype=np.float64)
+        half = self.spec.block_channels[0] // 2
+        freqs = np.exp(-np.log(10000.0) * np.arange(half) / (half - self.spec.freq_shift))
+        args = t[:, None] * freqs[None, :]
+        cos, sin = np.cos(args), np.sin(args)
+        table = np.concatenate([cos, sin] if self.spec.flip_sin_to_cos else [sin, cos], axis=-1)
+        if self.spec.block_channels[0] % 2:
+            table = np.pad(table, ((0, 0), (0, 1)))
+        self.sinusoid_table = torch.tensor(table, dtype=torch.float32)
+
+    def _time_features(self, t_B: torch.Tensor) -> torch.Tensor:
+        if self.sinusoid_table is not None:
+            table = self.sinusoid_table.to(self.conv_in.weight.dtype)
+            return table[torch.round(t_B.float()).long()]
+        spec = self.spec
+        return timestep_embedding(t_B, spec.block_channels[0], flip_sin_to_cos=spec.flip_sin_to_cos,
+                                  freq_shift=spec.freq_shift).to(self.conv_in.weight.dtype)
+
+    def forward(self, sample_BCHW: torch.Tensor, timesteps_B: torch.Tensor,
+                context_BSD: torch.Tensor) -> torch.Tensor:
+        spec = self.spec
+        B = sample_BCHW.shape[0]
+        if not isinstance(timesteps_B, torch.Tensor):
+            timesteps_B = torch.as_tensor(timesteps_B)
+        t_B = timesteps_B.reshape(-1).expand(B)
+        temb_BT = self.time_embedding(self._time_features(t_B))
+
+        def unit_forward(prefix: str, unit: str, x: torch.Tensor) -> torch.Tensor:
+            x = getattr(self, f"{prefix}_res")(x, temb_BT)
+            if unit.endswith("A"):
+                x = getattr(self, f"{prefix}_attn")(x, context_BSD, self.attention)
+            return x
+
+        x = self.conv_in(sample_BCHW)
+        skips = [x]
+        for s in range(spec.num_stages):
+            for u, unit in enumerate(spec.down[s]):
+                x = unit_forward(f"down_{s}_{u}", unit, x)
+                skips.append(x)
+            if s < spec.num_stages - 1:
+                x = getattr(self, f"down_{s}_downsample")(x)
+                skips.append(x)
+        if spec.mid:
+            x = self.mid_res_0(x, temb_BT)
+            if spec.mid == "RAR":
+                x = self.mid_attn(x, context_BSD, self.attention)
+            x = self.mid_res_1(x, temb_BT)
+        for s in reversed(range(spec.num_stages)):
+            for u, unit in enumerate(spec.up[s]):
+                x = unit_forward(f"up_{s}_{u}", unit, torch.cat([x, skips.pop()], dim=1))
+            if s > 0:
+                x = getattr(self, f"up_{s}_upsample")(x)
+        return self.conv_out(F.silu(self.conv_norm_out(x)))
