@@ -12,8 +12,6 @@ from __future__ import annotations
 import functools
 import json
 import os
-import shutil
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -94,12 +92,7 @@ class TextToImage:
 
     def save_pretrained(self, path: str | os.PathLike, *, overwrite: bool = False) -> Path:
         """Write a snapjax pipeline folder (atomically: a temporary sibling renamed into place)."""
-        path = Path(path).absolute()
-        if path.exists() and not overwrite:
-            raise FileExistsError(f"{path} exists; pass overwrite=True (--overwrite) to replace it")
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
-        try:
+        def write(tmp: Path) -> None:
             for kind, module, params in (("unet", self.unet, self.unet_params),
                                          ("vae", self.vae, self.vae_params),
                                          ("text_encoder", self.text_encoder,
@@ -109,13 +102,8 @@ class TextToImage:
             schedule = {k: getattr(self.schedule, k) for k in self.schedule.__dataclass_fields__}
             (tmp / PIPELINE_FILE).write_text(json.dumps(
                 {"scheduler": schedule, "sample_size": self.sample_size}, indent=1))
-            if path.exists():
-                shutil.rmtree(path)
-            os.replace(tmp, path)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-        return path
+
+        return pretrained.replace_folder(path, write, overwrite=overwrite)
 
     @property
     def vae_factor(self) -> int:

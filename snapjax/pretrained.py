@@ -13,6 +13,7 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +24,8 @@ MODEL_FILE = "snapjax_model.json"
 KINDS = ("unet", "vae", "text_encoder")
 
 
-def _spec_class(kind: str):
+def spec_class(kind: str):
+    """The spec dataclass of a model kind."""
     if kind == "unet":
         from snapjax.models.unet_spec import UNetSpec
         return UNetSpec
@@ -54,23 +56,20 @@ def is_snapjax_model(folder: str | Path) -> bool:
     return (Path(folder) / MODEL_FILE).is_file()
 
 
-def save_model(folder: str | Path, kind: str, spec: Any, params: Any, *,
-               overwrite: bool = False) -> Path:
-    """Write a model folder atomically; refuses an existing folder unless ``overwrite``."""
-    import orbax.checkpoint as ocp
+def replace_folder(folder: str | Path, write: Callable[[Path], None], *,
+                   overwrite: bool = False) -> Path:
+    """Run ``write(tmp)`` into a temporary sibling of ``folder``, then move it into place.
 
+    Refuses an existing ``folder`` unless ``overwrite``. A failure (or Ctrl-C) part-way leaves
+    neither a half-written folder nor the temporary one behind.
+    """
     folder = Path(folder).absolute()
-    _spec_class(kind)  # validates kind
     if folder.exists() and not overwrite:
-        raise FileExistsError(f"{folder} exists; pass overwrite=True (--overwrite) to replace it")
+        raise FileExistsError(f"{folder} exists; pass --overwrite (overwrite=True) to replace it")
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=folder.parent))
     try:
-        (tmp / MODEL_FILE).write_text(json.dumps(
-            {"kind": kind, "spec": json.loads(spec.to_json())}, indent=1))
-        checkpointer = ocp.StandardCheckpointer()
-        checkpointer.save(tmp / "params", jax.device_get(params))
-        checkpointer.wait_until_finished()
+        write(tmp)
         if folder.exists():
             shutil.rmtree(folder)
         os.replace(tmp, folder)
@@ -78,6 +77,23 @@ def save_model(folder: str | Path, kind: str, spec: Any, params: Any, *,
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return folder
+
+
+def save_model(folder: str | Path, kind: str, spec: Any, params: Any, *,
+               overwrite: bool = False) -> Path:
+    """Write a model folder atomically; refuses an existing folder unless ``overwrite``."""
+    import orbax.checkpoint as ocp
+
+    spec_class(kind)  # validates kind
+
+    def write(tmp: Path) -> None:
+        (tmp / MODEL_FILE).write_text(json.dumps(
+            {"kind": kind, "spec": json.loads(spec.to_json())}, indent=1))
+        checkpointer = ocp.StandardCheckpointer()
+        checkpointer.save(tmp / "params", jax.device_get(params))
+        checkpointer.wait_until_finished()
+
+    return replace_folder(folder, write, overwrite=overwrite)
 
 
 def read_model_spec(folder: str | Path) -> tuple[str, Any]:
@@ -89,7 +105,7 @@ def read_model_spec(folder: str | Path) -> tuple[str, Any]:
         raise FileNotFoundError(f"{folder}: not a snapjax model folder (no {MODEL_FILE})") from None
     except (json.JSONDecodeError, KeyError, TypeError) as e:
         raise ValueError(f"{path}: malformed model file ({e})") from e
-    return kind, _spec_class(kind).from_dict(spec)
+    return kind, spec_class(kind).from_dict(spec)
 
 
 def load_model(folder: str | Path, *, dtype=jnp.float32, expect_kind: str | None = None):

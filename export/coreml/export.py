@@ -30,7 +30,8 @@ from export.parity import fp16_check, parity_error
 from export.report import Row, folder_size
 from export.tokenizer_files import write_clip_tokenizer_files
 from export.torch.layers import ATTENTION_IMPLEMENTATIONS
-from export.torch.mirror import mirror_from_params, replace_folder
+from export.torch.mirror import mirror_from_params
+from snapjax.pretrained import replace_folder
 from snapjax.diffusion.schedule import NoiseSchedule
 
 CHUNK_THRESHOLD_BYTES = 1 << 30  # Apple chunks UNets over 1 GB (iOS memory mapping limits)

@@ -19,7 +19,8 @@ from export.checkpoint import ExportSource
 from export.parity import parity_error
 from export.report import Row, folder_size
 from export.tokenizer_files import write_clip_tokenizer_files
-from export.torch.mirror import mirror_from_params, replace_folder, save_mirror
+from export.torch.mirror import mirror_from_params, save_mirror
+from snapjax.pretrained import replace_folder
 
 # snapjax model kind -> mirror kind
 MIRROR_KIND = {"unet": "unet", "vae": "vae_decoder", "text_encoder": "text_encoder"}

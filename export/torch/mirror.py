@@ -13,9 +13,6 @@ A mirror folder holds ``snapjax_mirror.json`` (component kind and snapjax spec) 
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -24,6 +21,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from snapjax import pretrained
 from snapjax.convert.mapping import state_dict_from_params
 from snapjax.convert.state_dict import WeightsError
 
@@ -34,16 +32,10 @@ WEIGHTS_FILE = "model.safetensors"
 
 
 def spec_class(kind: str):
-    if kind == "unet":
-        from snapjax.models.unet_spec import UNetSpec
-        return UNetSpec
-    if kind == "vae_decoder":
-        from snapjax.models.vae import VAESpec
-        return VAESpec
-    if kind == "text_encoder":
-        from snapjax.models.text_encoder import TextEncoderSpec
-        return TextEncoderSpec
-    raise ValueError(f"unknown component kind {kind!r}; expected one of {KINDS}")
+    """The spec dataclass of a mirror kind (a decoder mirror is built from a VAE spec)."""
+    if kind not in KINDS:
+        raise ValueError(f"unknown component kind {kind!r}; expected one of {KINDS}")
+    return pretrained.spec_class("vae" if kind == "vae_decoder" else kind)
 
 
 def build_mirror(kind: str, spec: Any, *, attention: str = "original") -> nn.Module:
@@ -163,22 +155,3 @@ def load_mirror(folder: str | Path, *, attention: str = "original") -> nn.Module
     return mirror
 
 
-def replace_folder(folder: Path, write, *, overwrite: bool) -> Path:
-    """Run ``write(tmp)`` into a temporary sibling, then move it to ``folder``.
-
-    Refuses an existing ``folder`` unless ``overwrite``; a failure leaves nothing behind.
-    """
-    folder = Path(folder).absolute()
-    if folder.exists() and not overwrite:
-        raise FileExistsError(f"{folder} exists; pass --overwrite to replace it")
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=folder.parent))
-    try:
-        write(tmp)
-        if folder.exists():
-            shutil.rmtree(folder)
-        os.replace(tmp, folder)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return folder

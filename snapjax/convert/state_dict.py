@@ -7,6 +7,7 @@ unpickler that accepts only the handful of globals a state dict uses.
 
 from __future__ import annotations
 
+import json
 import pickle
 import zipfile
 from pathlib import Path
@@ -26,6 +27,20 @@ _STORAGE_DTYPES = {
 
 class WeightsError(ValueError):
     """A weights file is missing, unreadable or does not fit the model."""
+
+
+def read_config_json(folder: Path) -> dict:
+    """``folder/config.json`` as a dict; a missing or malformed file is an error naming it."""
+    path = Path(folder) / "config.json"
+    if not path.is_file():
+        raise WeightsError(f"{folder}: missing config.json")
+    try:
+        config = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise WeightsError(f"{path}: not valid JSON ({e})") from e
+    if not isinstance(config, dict):
+        raise WeightsError(f"{path}: expected a JSON object")
+    return config
 
 
 def find_weights_file(folder: Path) -> Path:

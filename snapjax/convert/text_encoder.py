@@ -6,7 +6,6 @@ torch (snapjax never imports torch).
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -16,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from snapjax.convert.mapping import params_from_state_dict
-from snapjax.convert.state_dict import WeightsError, load_state_dict
+from snapjax.convert.state_dict import WeightsError, load_state_dict, read_config_json
 from snapjax.models.text_encoder import ACTIVATIONS, TextEncoder, TextEncoderSpec
 
 _ARCHITECTURE = "CLIPTextModel"
@@ -78,12 +77,7 @@ def text_encoder_module_map(spec: TextEncoderSpec) -> dict[str, str]:
 
 def _read_config(folder: Path) -> dict:
     cfg_path = folder / "config.json"
-    if not cfg_path.is_file():
-        raise WeightsError(f"{folder}: missing config.json")
-    try:
-        config = json.loads(cfg_path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise WeightsError(f"{cfg_path}: not valid JSON ({e})") from e
+    config = read_config_json(folder)
     archs = config.get("architectures")
     if archs is not None and archs != [_ARCHITECTURE]:
         raise WeightsError(f"{cfg_path}: architectures={archs!r}, expected [{_ARCHITECTURE!r}]")

@@ -6,7 +6,6 @@ the same map through :func:`snapjax.convert.mapping.state_dict_from_params`.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -16,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from snapjax.convert.mapping import params_from_state_dict
-from snapjax.convert.state_dict import WeightsError, load_state_dict
+from snapjax.convert.state_dict import WeightsError, load_state_dict, read_config_json
 from snapjax.models.vae import DECODER_PARAM_KEYS, VAE, VAEDecoder, VAESpec
 
 # AutoencoderKL.__init__'s arguments and defaults (diffusers fills a config's missing keys with
@@ -120,12 +119,7 @@ def _read_folder(path: str | Path) -> tuple[Path, dict]:
         raise WeightsError(f"{folder}: not a folder (expected a diffusers AutoencoderKL folder "
                            "with config.json and weights)")
     cfg_path = folder / "config.json"
-    if not cfg_path.is_file():
-        raise WeightsError(f"{folder}: missing config.json")
-    try:
-        config = json.loads(cfg_path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise WeightsError(f"{cfg_path}: not valid JSON ({e})") from e
+    config = read_config_json(folder)
     cls = config.get("_class_name")
     if cls != "AutoencoderKL":
         raise WeightsError(f"{cfg_path}: _class_name={cls!r}, expected 'AutoencoderKL'")

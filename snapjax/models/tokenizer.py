@@ -61,6 +61,12 @@ class Tokenizer:
         # transformers 5 writes no vocab.json/merges.txt; older transformers and Apple's
         # ml-stable-diffusion read those, so write them from the BPE model too.
         self._tok.backend_tokenizer.model.save(str(folder))
+        # The folder's model_max_length is what from_folder reads back: make it this length
+        # (the world's tokenizer pads to 24, not to the 77 its source folder may say).
+        config_path = folder / "tokenizer_config.json"
+        config = json.loads(config_path.read_text())
+        config["model_max_length"] = self.max_length
+        config_path.write_text(json.dumps(config, indent=2))
         return folder
 
     @property

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import logging
 import pathlib
 from collections.abc import Callable
@@ -340,20 +339,25 @@ def _diffusion_objective(config, *, optimizer, ema_decay, microbatches, compute_
 
     def export(state: TrainState, folder: pathlib.Path):
         ema = to_host(state.ema_params)
+        trained_text = ema["text_encoder"] if dcfg.train_text_encoder else None
+        if vae is not None and tokenizer is not None and (trained_text or text_params):
+            # A whole pipeline folder, so `snapjax sample` and `snapjax export` take it as is.
+            from snapjax.pipeline import TextToImage
+            pipe = TextToImage(unet=unet, unet_params=ema["unet"], vae=vae,
+                               vae_params=to_host(vae_params), text_encoder=text_module,
+                               text_encoder_params=trained_text or to_host(text_params),
+                               tokenizer=tokenizer, schedule=schedule,
+                               sample_size=data.resolution // vae.spec.downsample_factor)
+            pipe.save_pretrained(folder, overwrite=True)
+            log.info("pipeline (UNet, VAE, text encoder, tokenizer, schedule) saved to %s", folder)
+            return
+        # Without a VAE (prepared latents and no diffusion.vae) only the trained parts are saved.
         folder.mkdir(parents=True, exist_ok=True)
         pretrained.save_model(folder / "unet", "unet", spec, ema["unet"], overwrite=True)
-        text_path = dcfg.text_encoder
-        if dcfg.train_text_encoder:
+        if trained_text is not None:
             pretrained.save_model(folder / "text_encoder", "text_encoder", text_spec,
-                                  ema["text_encoder"], overwrite=True)
-            text_path = "text_encoder"
-        pipeline = {"unet": "unet", "text_encoder": text_path,
-                    "vae": str(pathlib.Path(dcfg.vae).absolute()) if dcfg.vae else "",
-                    "tokenizer": str(dcfg.tokenizer or "world"),
-                    "schedule": dataclasses.asdict(schedule)}
-        (folder / "pipeline.json").write_text(json.dumps(pipeline, indent=1) + "\n")
-        log.info("UNet%s saved to %s", " and text encoder" if dcfg.train_text_encoder else "",
-                 folder)
+                                  trained_text, overwrite=True)
+        log.info("UNet%s saved to %s", " and text encoder" if trained_text else "", folder)
 
     return Objective(init_params=init_params, pretrained=loaded, step=step, frozen=frozen,
                      batch_shapes=batch_shapes, tokenizer=tokenizer, sample=sample,

@@ -13,7 +13,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-from snapjax.data import images, sources
+from snapjax.data import sources
 from snapjax.data.pipeline import MAX_CONSECUTIVE_SKIPS, DataConfig, make_train_iterator
 from snapjax.data.world import WorldSpec, render_batch, world_tokenizer_folder
 from snapjax.models.tokenizer import Tokenizer

@@ -107,3 +107,10 @@ def test_save_round_trip_writes_clip_files(folder, tmp_path):
     np.testing.assert_array_equal(Tokenizer.from_folder(saved)(prompts), tok(prompts))
     (saved / "tokenizer.json").unlink()  # the classic vocab.json + merges.txt alone suffice
     np.testing.assert_array_equal(Tokenizer.from_folder(saved)(prompts), tok(prompts))
+
+
+def test_save_keeps_a_non_default_length(folder, tmp_path):
+    tok = Tokenizer.from_folder(folder, max_length=24)
+    reloaded = Tokenizer.from_folder(tok.save(tmp_path / "saved"))
+    assert reloaded.max_length == 24
+    np.testing.assert_array_equal(reloaded(PROMPTS[:2]), tok(PROMPTS[:2]))

@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from snapjax import pretrained
+from snapjax.pipeline import TextToImage
 from snapjax.models.vae import VAE, VAESpec
 from tests.train.conftest import checkpoint_steps, losses, run_train, train_env
 
@@ -54,10 +55,10 @@ def test_world_teacher_wiring(tmp_path, jax_cache):
     grid = list((workdir / "samples").glob("samples_*.png"))
     assert grid and json.loads(grid[0].with_suffix(".json").read_text())  # captions beside it
 
-    model = workdir / "model"
-    pipeline = json.loads((model / "pipeline.json").read_text())
-    assert pipeline["unet"] == "unet" and pipeline["text_encoder"] == "text_encoder"
-    assert pipeline["schedule"]["prediction_type"] == "v_prediction"
+    model = workdir / "model"  # a whole pipeline folder, loadable for sampling and export
+    pipe = TextToImage.from_pretrained(model)
+    assert pipe.schedule.prediction_type == "v_prediction"
+    assert pipe.tokenizer([""]).shape == (1, pipe.text_encoder.spec.max_length)
     unet, unet_params = pretrained.load_model(model / "unet", expect_kind="unet")
     assert unet.spec.block_channels == (16,) and unet.spec.context_dim == 16
     _, text_params = pretrained.load_model(model / "text_encoder", expect_kind="text_encoder")

@@ -2,7 +2,7 @@
 and scores the teacher's samples (DDIM 50 steps + CFG) with the attribute reader.
 
 Slow (the whole budget of the issue: under 20 minutes on a 2-core CPU), so not in the default
-run: ``python -m pytest -m slow tests/train/test_world.py``. The acceptance bar is at least
+run: ``python -m pytest -m slow tests/train/test_world_training.py``. The acceptance bar is at least
 80% colour and 80% shape accuracy, against chance (1/6 and 1/4) for an untrained model.
 """
 
