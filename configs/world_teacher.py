@@ -6,8 +6,9 @@
 no pretrained one), v-prediction, caption dropout 0.1 for classifier-free guidance.
 
 At the end: a sample grid (DDIM, 50 steps, CFG) and the attribute accuracy of generated images
-read back by the world's attribute reader; the EMA UNet and text encoder go to
-``<workdir>/model``.
+read back by the world's attribute reader; ``<workdir>/model`` becomes a pipeline folder (the EMA
+UNet and text encoder, the VAE, the tokenizer and the schedule) for ``snapjax sample`` and
+``snapjax export``.
 """
 
 import json

@@ -52,16 +52,11 @@ def main(argv: list[str] | None = None) -> int:
     import jax
 
     from snapjax import sharding
-    from snapjax.config import from_config, load_config
-    from snapjax.sharding import MeshConfig
-    from snapjax.train import objectives, optim
+    from snapjax.config import load_config
     from snapjax.train import state as state_lib
-    from snapjax.train.loop import COMPUTE_DTYPES, TrainConfig
+    from snapjax.train.loop import build_setup
 
     config = load_config(args.config, overrides)
-    train = from_config(TrainConfig, config.train, "train")
-    mesh_cfg = from_config(MeshConfig, config.mesh, "mesh")
-    opt_cfg = from_config(optim.OptimConfig, config.opt, "opt")
 
     if args.topology:
         from jax.experimental import topologies
@@ -77,14 +72,9 @@ def main(argv: list[str] | None = None) -> int:
     else:
         devices = jax.devices()
 
-    mesh = sharding.make_mesh(mesh_cfg, devices)
-    sharding.check_batch_size(train.batch_size, mesh, mesh_cfg,
-                              microbatches=opt_cfg.grad_accum_steps)
-    optimizer = optim.make_optimizer(opt_cfg, train.steps)
-    objective = objectives.build_objective(
-        config, optimizer=optimizer, ema_decay=opt_cfg.ema_decay,
-        microbatches=opt_cfg.grad_accum_steps,
-        compute_dtype=COMPUTE_DTYPES[train.compute_dtype], abstract=True)
+    setup = build_setup(config, devices, abstract=True)
+    train, mesh_cfg, opt_cfg, mesh = setup.train, setup.mesh_cfg, setup.opt_cfg, setup.mesh
+    optimizer, objective = setup.optimizer, setup.objective
 
     abstract, state_sh = state_lib.abstract_state(objective.init_params, optimizer, mesh,
                                                   mesh_cfg, objective.pretrained)

@@ -97,23 +97,46 @@ def initialize_distributed() -> None:
 
 # ----------------------------------------------------------------------------- the loop
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.PathLike,
-                       *, devices=None) -> dict[str, float]:
-    """Trains ``config`` in ``workdir`` (resuming from its latest checkpoint), samples and
-    evaluates at the end; returns the last logged metrics. ``devices``: default all."""
-    workdir = epath.Path(workdir)
+@dataclasses.dataclass(frozen=True)
+class Setup:
+    """What a config builds before any data or state: shared by training and the AOT check."""
+    train: TrainConfig
+    mesh_cfg: MeshConfig
+    opt_cfg: optim.OptimConfig
+    mesh: jax.sharding.Mesh
+    optimizer: Any
+    objective: objectives.Objective
+
+
+def build_setup(config: ml_collections.ConfigDict, devices=None, *,
+                abstract: bool = False) -> Setup:
+    """Validate the config's sections, build the mesh (checking the batch splits over it), the
+    optimizer and the objective. ``abstract``: shapes only, no weights read (AOT compiles)."""
     train = from_config(TrainConfig, config.train, "train")
     mesh_cfg = from_config(MeshConfig, config.mesh, "mesh")
     opt_cfg = from_config(optim.OptimConfig, config.opt, "opt")
-    ckpt_cfg = from_config(ckpt_lib.CheckpointConfig, config.checkpoint, "checkpoint")
-    primary = jax.process_index() == 0
     mesh = sharding.make_mesh(mesh_cfg, devices)
     sharding.check_batch_size(train.batch_size, mesh, mesh_cfg,
                               microbatches=opt_cfg.grad_accum_steps)
     optimizer = optim.make_optimizer(opt_cfg, train.steps)
     objective = objectives.build_objective(
         config, optimizer=optimizer, ema_decay=opt_cfg.ema_decay,
-        microbatches=opt_cfg.grad_accum_steps, compute_dtype=COMPUTE_DTYPES[train.compute_dtype])
+        microbatches=opt_cfg.grad_accum_steps, compute_dtype=COMPUTE_DTYPES[train.compute_dtype],
+        abstract=abstract)
+    return Setup(train, mesh_cfg, opt_cfg, mesh, optimizer, objective)
+
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.PathLike,
+                       *, devices=None) -> dict[str, float]:
+    """Trains ``config`` in ``workdir`` (resuming from its latest checkpoint), samples and
+    evaluates at the end; returns the last logged metrics. ``devices``: default all."""
+    workdir = epath.Path(workdir)
+    ckpt_cfg = from_config(ckpt_lib.CheckpointConfig, config.checkpoint, "checkpoint")
+    primary = jax.process_index() == 0
+    setup = build_setup(config, devices)
+    train, mesh_cfg, mesh = setup.train, setup.mesh_cfg, setup.mesh
+    optimizer, objective = setup.optimizer, setup.objective
 
     data_cfg = objectives.data_config(config)
     data = make_train_iterator(data_cfg, global_batch_size=train.batch_size, seed=train.seed,
