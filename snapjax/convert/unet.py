@@ -6,7 +6,6 @@ so a checkpoint is either imported exactly or not at all.
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Mapping
 from pathlib import Path
@@ -17,7 +16,8 @@ import jax.numpy as jnp
 from flax import traverse_util
 
 from snapjax.convert.mapping import params_from_state_dict
-from snapjax.convert.state_dict import WeightsError, find_weights_file, load_state_dict
+from snapjax.convert.state_dict import (WeightsError, find_weights_file, load_state_dict,
+                                       read_config_json)
 from snapjax.models.unet import UNet, abstract_unet_params
 from snapjax.models.unet_spec import UNetSpec
 
@@ -264,12 +264,7 @@ def load_unet(path: str | Path, *, dtype: Any = jnp.float32) -> tuple[UNet, dict
         hint = f" (for a pipeline folder pass {folder / 'unet'})" if (folder / "unet").is_dir() \
             else ""
         raise FileNotFoundError(f"{folder}: no config.json{hint}")
-    try:
-        config = json.loads(config_path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{config_path}: not valid JSON ({e})") from e
-    if not isinstance(config, dict):
-        raise ValueError(f"{config_path}: expected a JSON object")
+    config = read_config_json(folder)
     if config.get("_class_name") != CLASS_NAME:
         raise ValueError(f"{config_path}: _class_name={config.get('_class_name')!r}, expected "
                          f"{CLASS_NAME!r} (is this the unet/ folder of the pipeline?)")
