@@ -1,4 +1,6 @@
-"""``snapjax export torch|coreml``: plugged into the snapjax CLI through the ``snapjax.commands``
+"""export a checkpoint to PyTorch mirrors, a diffusers folder or Core ML packages
+
+``snapjax export torch|coreml`` plugs into the snapjax CLI through the ``snapjax.commands``
 entry point (snapjax never imports this package).
 
   snapjax export torch  --checkpoint C --out DIR [--overwrite] [--no-diffusers]

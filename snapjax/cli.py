@@ -10,9 +10,12 @@ snapjax never imports them.
 from __future__ import annotations
 
 import argparse
+import ast
 import importlib
+import importlib.util
 import sys
 from importlib.metadata import entry_points
+from pathlib import Path
 
 # name -> (module, one-line help)
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
@@ -34,6 +37,16 @@ def _plugins() -> dict[str, str]:
     return {ep.name: ep.value for ep in entry_points(group="snapjax.commands")}
 
 
+def _plugin_help(module: str) -> str:
+    """The first line of a plugin module's docstring, read without importing the module."""
+    try:
+        spec = importlib.util.find_spec(module)
+        doc = ast.get_docstring(ast.parse(Path(spec.origin).read_text(encoding="utf-8")))
+    except (ImportError, AttributeError, TypeError, OSError, SyntaxError):
+        doc = None
+    return doc.splitlines()[0].replace("``", "") if doc else f"(from {module})"
+
+
 def build_parser(selected: str | None = None) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="snapjax", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
@@ -48,7 +61,7 @@ def build_parser(selected: str | None = None) -> argparse.ArgumentParser:
             module, func = target.split(":")
             getattr(importlib.import_module(module), func)(sub)
         else:
-            sub.add_parser(name, help=f"(from {target.split(':')[0]})")
+            sub.add_parser(name, help=_plugin_help(target.split(":")[0]))
     return parser
 
 

@@ -74,3 +74,12 @@ def test_sd15_summary_matches_reference_numbers():
     assert abs(rows["unet"].gflops - 803) / 803 < 0.005
     assert round(rows["vae_decoder"].params / 1e6, 1) == 49.5
     assert abs(rows["vae_decoder"].gflops - 2515) / 2515 < 0.005
+
+
+def test_help_lists_every_command_with_its_purpose(capsys):
+    assert main([]) == 0  # no command: the help, and success
+    listing = capsys.readouterr().out
+    for name in ("sample", "summary", "import", "train", "world", "prepare", "export"):
+        assert f"    {name} " in listing
+    # export/ is a plugin: its line comes from its module docstring, read without importing it.
+    assert "export a checkpoint to PyTorch" in listing
