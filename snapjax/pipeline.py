@@ -9,6 +9,7 @@ A pipeline folder is either a diffusers Stable Diffusion folder (``model_index.j
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import os
@@ -99,7 +100,7 @@ class TextToImage:
                                           self.text_encoder_params)):
                 pretrained.save_model(tmp / kind, kind, module.spec, params)
             self.tokenizer.save(tmp / "tokenizer")
-            schedule = {k: getattr(self.schedule, k) for k in self.schedule.__dataclass_fields__}
+            schedule = dataclasses.asdict(self.schedule)
             (tmp / PIPELINE_FILE).write_text(json.dumps(
                 {"scheduler": schedule, "sample_size": self.sample_size}, indent=1))
 

@@ -340,18 +340,18 @@ def _diffusion_objective(config, *, optimizer, ema_decay, microbatches, compute_
     def export(state: TrainState, folder: pathlib.Path):
         ema = to_host(state.ema_params)
         trained_text = ema["text_encoder"] if dcfg.train_text_encoder else None
-        if vae is not None and tokenizer is not None and (trained_text or text_params):
+        if vae is not None:
             # A whole pipeline folder, so `snapjax sample` and `snapjax export` take it as is.
             from snapjax.pipeline import TextToImage
+            text = trained_text if trained_text is not None else to_host(text_params)
             pipe = TextToImage(unet=unet, unet_params=ema["unet"], vae=vae,
                                vae_params=to_host(vae_params), text_encoder=text_module,
-                               text_encoder_params=trained_text or to_host(text_params),
-                               tokenizer=tokenizer, schedule=schedule,
+                               text_encoder_params=text, tokenizer=tokenizer, schedule=schedule,
                                sample_size=data.resolution // vae.spec.downsample_factor)
             pipe.save_pretrained(folder, overwrite=True)
             log.info("pipeline (UNet, VAE, text encoder, tokenizer, schedule) saved to %s", folder)
             return
-        # Without a VAE (prepared latents and no diffusion.vae) only the trained parts are saved.
+        # Prepared latents and no diffusion.vae: only the trained parts are saved.
         folder.mkdir(parents=True, exist_ok=True)
         pretrained.save_model(folder / "unet", "unet", spec, ema["unet"], overwrite=True)
         if trained_text is not None:
