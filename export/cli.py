@@ -5,7 +5,7 @@ entry point (snapjax never imports this package).
 
   snapjax export torch  --checkpoint C --out DIR [--overwrite] [--no-diffusers]
   snapjax export coreml --checkpoint C --out DIR [--quantize-bits 6] [--attention split_einsum]
-                        [--chunk] [--unet-batch 1] [--latent-size 64] [--steps 8] [--guidance 7.5]
+                        [--chunk] [--unet-batch 1] [--latent-size N] [--steps N] [--guidance W]
 
 ``C`` is a pipeline folder (snapjax or diffusers) or a single model folder.
 """
