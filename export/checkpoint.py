@@ -22,8 +22,8 @@ from typing import Any
 
 from snapjax import pretrained
 from snapjax.diffusion.schedule import NoiseSchedule
+from snapjax.pipeline import PIPELINE_FILE, read_pipeline_file
 
-PIPELINE_FILE = "snapjax_pipeline.json"
 COMPONENT_FOLDERS = ("unet", "vae", "text_encoder")
 # diffusers / transformers class names of component folders, and the snapjax kind they hold.
 _CLASS_KINDS = {"UNet2DConditionModel": "unet", "AutoencoderKL": "vae",
@@ -135,14 +135,10 @@ def load_source(path: str | Path, components: tuple[str, ...] | None = None) -> 
 
 
 def _read_sampling(path: Path, source: ExportSource) -> None:
-    meta_path = path / PIPELINE_FILE
-    if meta_path.is_file():
-        meta = json.loads(meta_path.read_text())
-        if "scheduler" in meta:
-            source.schedule = NoiseSchedule(**meta["scheduler"])
-        source.sample_size = meta.get("sample_size")
-        source.num_steps = meta.get("num_steps")
-        source.guidance_scale = meta.get("guidance_scale")
+    if (path / PIPELINE_FILE).is_file():
+        meta = read_pipeline_file(path)
+        source.schedule, source.sample_size = meta.schedule, meta.sample_size
+        source.num_steps, source.guidance_scale = meta.num_steps, meta.guidance_scale
         return
     config = path / "scheduler" / "scheduler_config.json"
     if config.is_file():

@@ -27,6 +27,68 @@ from snapjax.models.tokenizer import Tokenizer
 
 PIPELINE_FILE = "snapjax_pipeline.json"
 COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer")
+# What diffusers' StableDiffusionPipeline samples with when a folder records nothing else.
+DEFAULT_NUM_STEPS = 50
+DEFAULT_GUIDANCE_SCALE = 7.5
+
+
+@dataclasses.dataclass(frozen=True)
+class PipelineFile:
+    """The contents of ``snapjax_pipeline.json``: schedule, default latent side, and the
+    sampling defaults the model was trained or evaluated with (None where not recorded)."""
+
+    schedule: NoiseSchedule
+    sample_size: int
+    num_steps: int | None = None
+    guidance_scale: float | None = None
+
+    def to_json(self) -> str:
+        meta = {"scheduler": dataclasses.asdict(self.schedule), "sample_size": self.sample_size}
+        if self.num_steps is not None:
+            meta["num_steps"] = self.num_steps
+        if self.guidance_scale is not None:
+            meta["guidance_scale"] = self.guidance_scale
+        return json.dumps(meta, indent=1)
+
+
+def read_pipeline_file(folder: str | os.PathLike) -> PipelineFile:
+    """Read and check ``folder/snapjax_pipeline.json``; errors name the file and the key."""
+    path = Path(folder) / PIPELINE_FILE
+    try:
+        meta = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path}: unreadable ({e})") from None
+    if not isinstance(meta, dict):
+        raise ValueError(f"{path}: expected a JSON object, got {type(meta).__name__}")
+    unknown = sorted(set(meta) - {"scheduler", "sample_size", "num_steps", "guidance_scale"})
+    if unknown:
+        raise ValueError(f"{path}: unknown key(s) {unknown}")
+    for key in ("scheduler", "sample_size"):
+        if key not in meta:
+            raise ValueError(f"{path}: missing key {key!r}")
+    if not isinstance(meta["scheduler"], dict):
+        raise ValueError(f"{path}: 'scheduler' must be an object of NoiseSchedule fields")
+    try:
+        schedule = NoiseSchedule(**meta["scheduler"])
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{path}: bad 'scheduler': {e}") from None
+
+    def positive(key, kind):
+        value = meta.get(key)
+        if value is None:
+            return None
+        if isinstance(value, bool) or not isinstance(value, kind) or value <= 0:
+            raise ValueError(f"{path}: {key!r} must be a positive "
+                             f"{'integer' if kind is int else 'number'}, got {value!r}")
+        return value
+
+    sample_size = positive("sample_size", int)
+    if sample_size is None:
+        raise ValueError(f"{path}: 'sample_size' must be a positive integer, got null")
+    guidance = positive("guidance_scale", (int, float))
+    return PipelineFile(schedule=schedule, sample_size=sample_size,
+                        num_steps=positive("num_steps", int),
+                        guidance_scale=None if guidance is None else float(guidance))
 
 
 @functools.partial(jax.jit, static_argnums=0)
@@ -58,13 +120,19 @@ class TextToImage:
     """Generate images from prompts. Build with :meth:`from_pretrained` or from components."""
 
     def __init__(self, *, unet, unet_params, vae, vae_params, text_encoder, text_encoder_params,
-                 tokenizer: Tokenizer, schedule: NoiseSchedule, sample_size: int):
+                 tokenizer: Tokenizer, schedule: NoiseSchedule, sample_size: int,
+                 num_steps: int = DEFAULT_NUM_STEPS,
+                 guidance_scale: float = DEFAULT_GUIDANCE_SCALE):
         self.unet, self.unet_params = unet, unet_params
         self.vae, self.vae_params = vae, vae_params
         self.text_encoder, self.text_encoder_params = text_encoder, text_encoder_params
         self.tokenizer = tokenizer
         self.schedule = schedule
         self.sample_size = sample_size  # default latent side
+        # Sampling defaults, saved with the folder: a model trained and scored at 50 steps and
+        # guidance 4 (the world teacher), or distilled to 8 steps, samples that way by default.
+        self.num_steps = num_steps
+        self.guidance_scale = guidance_scale
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, *, dtype=jnp.float32) -> "TextToImage":
@@ -76,10 +144,14 @@ class TextToImage:
         text_encoder, text_params = pretrained.load_component(
             path / "text_encoder", "text_encoder", dtype=dtype)
         tokenizer = Tokenizer.from_folder(path / "tokenizer")
+        defaults = {}
         if (path / PIPELINE_FILE).is_file():
-            meta = json.loads((path / PIPELINE_FILE).read_text())
-            schedule = NoiseSchedule(**meta["scheduler"])
-            sample_size = int(meta["sample_size"])
+            meta = read_pipeline_file(path)
+            schedule, sample_size = meta.schedule, meta.sample_size
+            if meta.num_steps is not None:
+                defaults["num_steps"] = meta.num_steps
+            if meta.guidance_scale is not None:
+                defaults["guidance_scale"] = meta.guidance_scale
         else:
             config = path / "scheduler" / "scheduler_config.json"
             if not config.is_file():
@@ -89,7 +161,7 @@ class TextToImage:
             sample_size = int(unet_config.get("sample_size") or 64)
         return cls(unet=unet, unet_params=unet_params, vae=vae, vae_params=vae_params,
                    text_encoder=text_encoder, text_encoder_params=text_params,
-                   tokenizer=tokenizer, schedule=schedule, sample_size=sample_size)
+                   tokenizer=tokenizer, schedule=schedule, sample_size=sample_size, **defaults)
 
     def save_pretrained(self, path: str | os.PathLike, *, overwrite: bool = False) -> Path:
         """Write a snapjax pipeline folder (atomically: a temporary sibling renamed into place)."""
@@ -100,9 +172,8 @@ class TextToImage:
                                           self.text_encoder_params)):
                 pretrained.save_model(tmp / kind, kind, module.spec, params)
             self.tokenizer.save(tmp / "tokenizer")
-            schedule = dataclasses.asdict(self.schedule)
-            (tmp / PIPELINE_FILE).write_text(json.dumps(
-                {"scheduler": schedule, "sample_size": self.sample_size}, indent=1))
+            (tmp / PIPELINE_FILE).write_text(PipelineFile(
+                self.schedule, self.sample_size, self.num_steps, self.guidance_scale).to_json())
 
         return pretrained.replace_folder(path, write, overwrite=overwrite)
 
@@ -115,8 +186,8 @@ class TextToImage:
         ids = jnp.asarray(self.tokenizer(list(prompts)))
         return _encode_text(self.text_encoder, self.text_encoder_params, ids)
 
-    def __call__(self, prompts: str | Sequence[str], *, num_steps: int = 50,
-                 guidance_scale: float = 7.5, seed: int = 0, latents: np.ndarray | None = None,
+    def __call__(self, prompts: str | Sequence[str], *, num_steps: int | None = None,
+                 guidance_scale: float | None = None, seed: int = 0, latents: np.ndarray | None = None,
                  negative_prompt: str | Sequence[str] | None = None, height: int | None = None,
                  width: int | None = None, return_latents: bool = False,
                  first_index: int = 0) -> np.ndarray:
@@ -125,7 +196,10 @@ class TextToImage:
         ``latents``: explicit initial noise (NHWC, unscaled); else drawn per example from
         ``(seed, first_index + i)``, so a prompt's image does not depend on how prompts are batched.
         Guidance uses ``negative_prompt`` (default: the empty prompt) when ``guidance_scale != 1``.
+        ``num_steps`` and ``guidance_scale`` default to the pipeline's (see ``__init__``).
         """
+        num_steps = self.num_steps if num_steps is None else num_steps
+        guidance_scale = self.guidance_scale if guidance_scale is None else guidance_scale
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         if not prompts:
             raise ValueError("no prompts given")

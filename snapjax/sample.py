@@ -33,8 +33,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--prompt", action="append", help="a prompt (repeatable)")
     parser.add_argument("--prompts-file", help="a text file with one prompt per line")
     parser.add_argument("--negative-prompt", default=None)
-    parser.add_argument("--steps", type=int, default=50, help="DDIM steps")
-    parser.add_argument("--guidance", type=float, default=7.5, help="CFG scale (1 = none)")
+    parser.add_argument("--steps", type=int, default=None,
+                        help="DDIM steps (default: the pipeline's, else 50)")
+    parser.add_argument("--guidance", type=float, default=None,
+                        help="CFG scale, 1 = none (default: the pipeline's, else 7.5)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--height", type=int, default=None, help="pixels (default: the model's)")
     parser.add_argument("--width", type=int, default=None)
@@ -52,19 +54,21 @@ def run(args: argparse.Namespace) -> int:
     from snapjax.pipeline import TextToImage, image_grid
 
     prompts = read_prompts(args.prompt, args.prompts_file)
-    if args.steps < 1:
+    if args.steps is not None and args.steps < 1:
         raise ValueError(f"--steps must be >= 1, got {args.steps}")
     if args.batch_size < 1:
         raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
     pipe = TextToImage.from_pretrained(args.model, dtype=getattr(jnp, args.dtype))
+    steps = pipe.num_steps if args.steps is None else args.steps
+    guidance = pipe.guidance_scale if args.guidance is None else args.guidance
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     images, start = [], time.perf_counter()
     batches = range(0, len(prompts), args.batch_size)
-    for b in tqdm(batches, desc=f"sampling {args.steps} steps", unit="batch"):
+    for b in tqdm(batches, desc=f"sampling {steps} steps, guidance {guidance:g}", unit="batch"):
         chunk = prompts[b:b + args.batch_size]
         # Noise comes from (seed, prompt index): an image does not depend on --batch-size.
-        images.append(pipe(chunk, num_steps=args.steps, guidance_scale=args.guidance,
+        images.append(pipe(chunk, num_steps=steps, guidance_scale=guidance,
                            seed=args.seed, first_index=b, negative_prompt=args.negative_prompt,
                            height=args.height, width=args.width))
     images = np.concatenate(images)
@@ -76,7 +80,7 @@ def run(args: argparse.Namespace) -> int:
         records.append({"file": name, "prompt": prompt})
     Image.fromarray(image_grid(images)).save(out / "grid.png")
     (out / "prompts.json").write_text(json.dumps(
-        {"model": str(args.model), "steps": args.steps, "guidance": args.guidance,
+        {"model": str(args.model), "steps": steps, "guidance": guidance,
          "seed": args.seed, "images": records}, indent=1))
     print(f"wrote {len(images)} images and grid.png to {out} in {seconds:.1f}s")
     return 0

@@ -39,6 +39,23 @@ def test_sample_writes_pngs_grid_and_record(diffusers_folder, tmp_path, capsys):
     assert "wrote 3 images" in capsys.readouterr().out
 
 
+def test_sample_defaults_to_the_folders_steps_and_guidance(diffusers_folder, tmp_path):
+    snap = tmp_path / "snap"
+    assert main(["import", "--model", str(diffusers_folder), "--out", str(snap)]) == 0
+    meta = json.loads((snap / "snapjax_pipeline.json").read_text())
+    (snap / "snapjax_pipeline.json").write_text(json.dumps(
+        {**meta, "num_steps": 2, "guidance_scale": 3.0}))
+    assert main(["sample", "--model", str(snap), "--prompt", "a red circle",
+                 "--out", str(tmp_path / "a")]) == 0
+    assert main(["sample", "--model", str(snap), "--prompt", "a red circle", "--steps", "2",
+                 "--guidance", "3", "--out", str(tmp_path / "b")]) == 0
+    record = json.loads((tmp_path / "a" / "prompts.json").read_text())
+    assert (record["steps"], record["guidance"]) == (2, 3.0)
+    name = record["images"][0]["file"]
+    np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "a" / name)),
+                                  np.asarray(Image.open(tmp_path / "b" / name)))
+
+
 def test_sample_bad_inputs(diffusers_folder, tmp_path, capsys):
     assert main(["sample", "--model", str(tmp_path / "missing"), "--prompt", "x",
                  "--out", str(tmp_path / "o")]) == 2

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import copy
+import json
+
 import numpy as np
 import pytest
 import torch
 
-from snapjax.pipeline import TextToImage, image_grid
+from snapjax.pipeline import PIPELINE_FILE, TextToImage, image_grid
 from tests.conftest import max_rel_err
 from tests.tiny_pipeline import build_pipeline
 
@@ -81,15 +84,39 @@ def test_negative_prompt_and_seed(pipelines):
 
 
 def test_save_and_reload_snapjax_folder(pipelines, tmp_path):
-    _, pipe = pipelines("v_prediction", "trailing")
+    _, loaded = pipelines("v_prediction", "trailing")
+    # A diffusers folder records no sampling defaults: StableDiffusionPipeline's apply.
+    assert (loaded.num_steps, loaded.guidance_scale) == (50, 7.5)
+    pipe = copy.copy(loaded)
+    pipe.num_steps, pipe.guidance_scale = 3, 2.0  # e.g. what a model was evaluated with
     out = pipe.save_pretrained(tmp_path / "snap")
     with pytest.raises(FileExistsError, match="exists"):
         pipe.save_pretrained(tmp_path / "snap")
     again = TextToImage.from_pretrained(out)
     assert again.schedule == pipe.schedule and again.sample_size == pipe.sample_size
-    a = pipe(PROMPTS, num_steps=3, seed=0, return_latents=True)
-    b = again(PROMPTS, num_steps=3, seed=0, return_latents=True)
+    assert (again.num_steps, again.guidance_scale) == (3, 2.0)
+    a = loaded(PROMPTS, num_steps=3, guidance_scale=2.0, seed=0, return_latents=True)
+    b = again(PROMPTS, seed=0, return_latents=True)  # the folder's defaults
     np.testing.assert_array_equal(a, b)
+    c = again(PROMPTS, num_steps=3, guidance_scale=1.0, seed=0, return_latents=True)
+    assert np.abs(a - c).max() > 1e-3  # an explicit argument wins over the folder's default
+
+
+@pytest.mark.parametrize("edit, match", [
+    (lambda m: m.update(num_steps=0), "'num_steps' must be a positive integer, got 0"),
+    (lambda m: m.update(guidance_scale="4"), "'guidance_scale' must be a positive number"),
+    (lambda m: m.update(steps=8), r"unknown key\(s\) \['steps'\]"),
+    (lambda m: m.pop("sample_size"), "missing key 'sample_size'"),
+    (lambda m: m["scheduler"].update(prediction_type="x0"), "bad 'scheduler'.*prediction_type"),
+])
+def test_bad_pipeline_file(pipelines, tmp_path, edit, match):
+    _, pipe = pipelines("epsilon", "leading")
+    out = pipe.save_pretrained(tmp_path / "snap")
+    meta = json.loads((out / PIPELINE_FILE).read_text())
+    edit(meta)
+    (out / PIPELINE_FILE).write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match=f"{PIPELINE_FILE}: {match}"):
+        TextToImage.from_pretrained(out)
 
 
 def test_bad_inputs(pipelines, tmp_path):

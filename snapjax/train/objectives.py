@@ -347,7 +347,8 @@ def _diffusion_objective(config, *, optimizer, ema_decay, microbatches, compute_
             pipe = TextToImage(unet=unet, unet_params=ema["unet"], vae=vae,
                                vae_params=to_host(vae_params), text_encoder=text_module,
                                text_encoder_params=text, tokenizer=tokenizer, schedule=schedule,
-                               sample_size=data.resolution // vae.spec.downsample_factor)
+                               sample_size=data.resolution // vae.spec.downsample_factor,
+                               num_steps=dcfg.sample_steps, guidance_scale=dcfg.guidance_scale)
             pipe.save_pretrained(folder, overwrite=True)
             log.info("pipeline (UNet, VAE, text encoder, tokenizer, schedule) saved to %s", folder)
             return

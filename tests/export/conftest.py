@@ -23,7 +23,7 @@ def one_torch_thread():
 def student_pipeline(tmp_path_factory) -> Path:
     """SD-shaped tiny pipeline with the student's schedule, sampling defaults recorded."""
     return write_pipeline(tmp_path_factory.mktemp("student") / "pipe", schedule=STUDENT_SCHEDULE,
-                          extra={"num_steps": 8, "guidance_scale": 4.0})
+                          sampling={"num_steps": 8, "guidance_scale": 4.0})
 
 
 @pytest.fixture(scope="session")

@@ -18,6 +18,7 @@ from snapjax.diffusion.schedule import NoiseSchedule
 from snapjax.models import text_encoder as te
 from snapjax.models import unet_spec, vae
 from snapjax.models.tokenizer import write_clip_vocab
+from snapjax.pipeline import PIPELINE_FILE, PipelineFile
 
 WORDS = ("a", "red", "blue", "green", "circle", "square", "on", "the", "left", "right")
 
@@ -53,7 +54,7 @@ def random_params(kind: str, spec, seed: int = 0) -> dict:
 
 def write_pipeline(folder: Path, *, unet=UNET_SD, vae_spec=VAE_FULL,
                    schedule: NoiseSchedule | None = None, sample_size: int = 8,
-                   seed: int = 0, extra: dict | None = None) -> Path:
+                   seed: int = 0, sampling: dict | None = None) -> Path:
     """A snapjax pipeline folder (snapjax_pipeline.json + model folders + tokenizer)."""
     folder.mkdir(parents=True)
     write_clip_vocab(folder / "tokenizer", WORDS)
@@ -61,9 +62,8 @@ def write_pipeline(folder: Path, *, unet=UNET_SD, vae_spec=VAE_FULL,
     text = dataclasses.replace(te.TINY, vocab_size=vocab, max_length=77)
     for i, (kind, spec) in enumerate((("unet", unet), ("vae", vae_spec), ("text_encoder", text))):
         pretrained.save_model(folder / kind, kind, spec, random_params(kind, spec, seed + i))
-    schedule = schedule or NoiseSchedule()
-    meta = {"scheduler": dataclasses.asdict(schedule), "sample_size": sample_size, **(extra or {})}
-    (folder / "snapjax_pipeline.json").write_text(json.dumps(meta, indent=1))
+    meta = PipelineFile(schedule or NoiseSchedule(), sample_size, **(sampling or {}))
+    (folder / PIPELINE_FILE).write_text(meta.to_json())
     return folder
 
 

@@ -58,6 +58,8 @@ def test_world_teacher_wiring(tmp_path, jax_cache):
     model = workdir / "model"  # a whole pipeline folder, loadable for sampling and export
     pipe = TextToImage.from_pretrained(model)
     assert pipe.schedule.prediction_type == "v_prediction"
+    # It samples as the run scored it: the config's steps and guidance are the folder's defaults.
+    assert (pipe.num_steps, pipe.guidance_scale) == (2, 4.0)
     assert pipe.tokenizer([""]).shape == (1, pipe.text_encoder.spec.max_length)
     unet, unet_params = pretrained.load_model(model / "unet", expect_kind="unet")
     assert unet.spec.block_channels == (16,) and unet.spec.context_dim == 16
