@@ -6,7 +6,11 @@
 # bench/unet_step.py: SD-v1.5 UNet forward at 512x512, batch 2 and 16, snapjax bf16 (XLA and
 # cuDNN attention) against diffusers fp16 (eager and torch.compile), same process, same GPU.
 # bench/train_step.py: the sd15_finetune training step (bf16, cuDNN attention) at growing
-# batch sizes until one runs out of memory: images/s, TFLOP/s and MFU.
+# batch sizes until one runs out of memory: images/s, TFLOP/s and MFU; then with per-block
+# rematerialisation (diffusion.unet_remat) at larger batches. Results land in OUT_DIR as each
+# part ends, so a lease that runs out still keeps the parts before.
+# Knobs: TRAIN_BATCH_SIZES (default 32,64,128), TRAIN_REMAT_BATCH_SIZES (default 128,256;
+# empty skips the remat sweep).
 # diffusers and ml_collections must import; where they are missing, put their wheels in .whl/
 # (docs/BENCHMARKS.md names them) and this script installs them into /tmp/site first.
 set -euo pipefail
@@ -27,3 +31,8 @@ python3 bench/train_step.py --batch-sizes "${TRAIN_BATCH_SIZES:-32,64,128}" --at
   --out "$OUT/train_step.json" 2>&1 | tee "$OUT/train_step.log" ||
 python3 bench/train_step.py --batch-sizes "${TRAIN_BATCH_SIZES:-32,64,128}" --attention xla \
   --out "$OUT/train_step_xla.json" 2>&1 | tee "$OUT/train_step_xla.log"
+if [ -n "${TRAIN_REMAT_BATCH_SIZES-128,256}" ]; then
+  python3 bench/train_step.py --batch-sizes "${TRAIN_REMAT_BATCH_SIZES-128,256}" --remat \
+    --attention cudnn --out "$OUT/train_step_remat.json" 2>&1 | tee "$OUT/train_step_remat.log" ||
+  true  # an OOM at every size, or cuDNN refusing: the log says which
+fi

@@ -2,6 +2,7 @@
 
     python bench/train_step.py                       # sd15, bf16, batch 8..256 on all devices
     python bench/train_step.py --batch-sizes 32,64 --attention cudnn --out bench.json
+    python bench/train_step.py --batch-sizes 64,128,256 --attention cudnn --remat
     python bench/train_step.py --smoke               # tiny UNet on CPU: checks the script runs
 
 The step is the one ``snapjax train`` runs for configs/sd15_finetune.py (prepared latents and
@@ -23,6 +24,9 @@ import functools
 import json
 import sys
 import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout, uninstalled
 
 
 def _args(argv):
@@ -35,6 +39,9 @@ def _args(argv):
     p.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"))
     p.add_argument("--attention", default=None, help="jax.nn.dot_product_attention "
                    "implementation: None (XLA) or cudnn")
+    p.add_argument("--remat", action="store_true",
+                   help="recompute each UNet block in the backward pass (diffusion.unet_remat): "
+                        "larger batches fit; MFU still counts 3x the forward")
     p.add_argument("--steps", type=int, default=10, help="timed steps per batch size")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--fsdp", type=int, default=1, help="mesh fsdp size (data = the rest)")
@@ -68,7 +75,7 @@ def main(argv=None) -> int:
 
     spec = preset(args.preset)
     dtype = {"bfloat16": jnp.bfloat16, "float32": jnp.float32}[args.dtype]
-    unet = UNet(spec, dtype, attention_impl=args.attention)
+    unet = UNet(spec, dtype, attention_impl=args.attention, remat=args.remat)
     mesh_cfg = MeshConfig(data=-1, fsdp=args.fsdp)
     mesh = sharding.make_mesh(mesh_cfg, jax.local_devices())
     optimizer = optim.make_optimizer(optim.OptimConfig(lr=1e-5, warmup_steps=0), 1000)
@@ -96,7 +103,8 @@ def main(argv=None) -> int:
     print(f"device: {n_dev} x {jax.local_devices()[0].device_kind}; peak bf16 "
           f"{peak or 'unknown'} TFLOP/s per device; UNet {args.preset} forward "
           f"{fwd_flops / 1e9:.4g} GFLOP/image at {args.latent}x{args.latent}; "
-          f"compute {args.dtype}, attention {args.attention or 'xla'}", flush=True)
+          f"compute {args.dtype}, attention {args.attention or 'xla'}, "
+          f"remat {'on' if args.remat else 'off'}", flush=True)
 
     repl = sharding.replicated(mesh)
     batch_sh = sharding.batch_sharding(mesh, mesh_cfg)

@@ -7,8 +7,9 @@ import subprocess
 import sys
 
 import jax
+import pytest
 
-from snapjax.config import load_config
+from snapjax.config import ConfigError, load_config
 from snapjax.sharding import MeshConfig, make_mesh
 from snapjax.train import objectives, optim
 from snapjax.train import state as state_lib
@@ -18,14 +19,18 @@ NO_WEIGHTS = ["--config.diffusion.unet_init=", "--config.diffusion.text_encoder=
               "--config.diffusion.vae="]
 
 
+def _sd15_objective(*overrides, compute_dtype=jax.numpy.bfloat16):
+    config = load_config(str(REPO / "configs" / "sd15_finetune.py"), [*NO_WEIGHTS, *overrides])
+    return objectives.build_objective(config, optimizer=optim.make_optimizer(optim.OptimConfig(), 10),
+                                      ema_decay=0.9999, microbatches=1,
+                                      compute_dtype=compute_dtype, abstract=True)
+
+
 def test_sd15_pod_config_builds_from_shapes_alone():
     """The pod config's state, without SD-v1.5's weights on the machine: 859.5 M UNet params
     (DESIGN.md section 9) and a batch of 64x64x4 latents with 77x768 contexts."""
-    config = load_config(str(REPO / "configs" / "sd15_finetune.py"), NO_WEIGHTS)
+    objective = _sd15_objective()
     opt = optim.make_optimizer(optim.OptimConfig(), 10)
-    objective = objectives.build_objective(config, optimizer=opt, ema_decay=0.9999,
-                                           microbatches=1, compute_dtype=jax.numpy.bfloat16,
-                                           abstract=True)
     abstract, _ = state_lib.abstract_state(objective.init_params, opt, make_mesh(MeshConfig()),
                                            MeshConfig(), objective.pretrained)
     n = sum(x.size for x in jax.tree.leaves(abstract.params["unet"]))
@@ -35,6 +40,17 @@ def test_sd15_pod_config_builds_from_shapes_alone():
     assert shapes["latent"].shape == (2048, 64, 64, 4)
     assert shapes["context"].shape == (2048, 77, 768)
     assert objective.frozen["empty_context"].shape == (1, 77, 768)
+
+
+def test_remat_and_attention_reach_the_unet_and_bad_values_are_named():
+    unet = _sd15_objective().step.keywords["unet"]
+    assert (unet.remat, unet.attention_impl) == (False, "xla")
+    unet = _sd15_objective("--config.diffusion.unet_remat=True").step.keywords["unet"]
+    assert unet.remat and unet.spec.num_blocks > 0
+    with pytest.raises(ValueError, match="diffusion.attention='flash': expected one of xla, cudnn"):
+        _sd15_objective("--config.diffusion.attention=flash")
+    with pytest.raises(ConfigError, match="'cudnn' needs an NVIDIA GPU .*this run: cpu"):
+        _sd15_objective("--config.diffusion.attention=cudnn")
 
 
 def test_aot_check_reports_per_device_memory(jax_cache):
