@@ -3,7 +3,10 @@
     # 64 fake CPU devices standing in for the chips (memory is XLA:CPU's estimate):
     python launch/aot_check.py --config configs/sd15_finetune.py --devices 64
 
-    # A real TPU topology, compiled by libtpu without a TPU attached (pip install "jax[tpu]"):
+    # A real TPU topology, compiled by libtpu without a TPU attached (pip install "jax[tpu]",
+    # or just libtpu, e.g. into a side folder: pip install --target /tmp/libtpu libtpu and
+    # PYTHONPATH=/tmp/libtpu). libtpu warns that it finds no TPU worker: harmless here. SD-v1.5's
+    # step takes ~20 minutes to compile on a 2-core machine.
     python launch/aot_check.py --config configs/sd15_finetune.py --topology v5p:4x4x4
 
     # any config override works as with snapjax train:

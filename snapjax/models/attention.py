@@ -12,15 +12,39 @@ import jax
 import jax.numpy as jnp
 
 
+# The Pallas TPU kernel's default tiles are 128 long on both sequence axes.
+_TPU_FLASH_BLOCK = 128
+
+
 def dot_product_attention(q_BLNH: jax.Array, k_BSNH: jax.Array, v_BSNH: jax.Array, *,
                           is_causal: bool = False, implementation: str | None = None) -> jax.Array:
     """Softmax attention with scale 1/sqrt(H); returns B L N H.
 
-    ``implementation`` is passed to ``jax.nn.dot_product_attention``: None (XLA; scores and softmax
-    in float32 whatever the input dtype), 'xla', or 'cudnn' (fused, GPU only, bf16/fp16 only).
+    ``implementation``: None or 'xla' (XLA; scores and softmax in float32 whatever the input
+    dtype), 'cudnn' (``jax.nn.dot_product_attention``'s fused kernel, NVIDIA GPUs, bf16/fp16), or
+    'tpu_flash' (the Pallas TPU flash-attention kernel: the L x S scores are never stored, in the
+    forward or the backward pass). 'tpu_flash' runs where both sequence lengths are multiples
+    of 128 (SD's self-attention at 16x16 latents and up); shorter ones, such as the 77-token
+    cross-attention, are cheap and go to XLA.
     """
+    if implementation == "tpu_flash":
+        L, S = q_BLNH.shape[1], k_BSNH.shape[1]
+        if L % _TPU_FLASH_BLOCK == 0 and S % _TPU_FLASH_BLOCK == 0:
+            return _tpu_flash_attention(q_BLNH, k_BSNH, v_BSNH, is_causal)
+        implementation = None
     return jax.nn.dot_product_attention(q_BLNH, k_BSNH, v_BSNH, is_causal=is_causal,
                                         implementation=implementation)
+
+
+def _tpu_flash_attention(q_BLNH, k_BSNH, v_BSNH, is_causal: bool) -> jax.Array:
+    from jax.experimental.pallas.ops.tpu.flash_attention import flash_attention
+
+    def to_kernel(x):  # the kernel's layout is B N L H
+        return jnp.swapaxes(x, 1, 2)
+
+    o_BNLH = flash_attention(to_kernel(q_BLNH), to_kernel(k_BSNH), to_kernel(v_BSNH),
+                             causal=is_causal, sm_scale=q_BLNH.shape[-1] ** -0.5)
+    return jnp.swapaxes(o_BNLH, 1, 2)
 
 
 class Attention(nn.Module):

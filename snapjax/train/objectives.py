@@ -61,7 +61,7 @@ class VAELossConfig:
             raise ValueError(f"vae_loss.kl_weight must be >= 0, got {self.kl_weight}")
 
 
-ATTENTION_IMPLEMENTATIONS = ("xla", "cudnn")
+ATTENTION_IMPLEMENTATIONS = ("xla", "cudnn", "tpu_flash")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -76,8 +76,9 @@ class DiffusionConfig:
     unet_init: a UNet to fine-tune from; "" initialises ``config.unet`` randomly.
     unet_remat: recompute each UNet block in the backward pass instead of storing its
       activations: about a third more compute for far less memory (larger batches per chip).
-    attention: ``jax.nn.dot_product_attention``'s implementation for the UNet: "xla" (any
-      backend) or "cudnn" (fused, NVIDIA GPUs with bf16/fp16 compute).
+    attention: the UNet's attention kernel (:func:`snapjax.models.attention.dot_product_attention`):
+      "xla" (any backend), "cudnn" (fused, NVIDIA GPUs with bf16/fp16 compute) or "tpu_flash"
+      (Pallas flash attention on TPU; scores never stored, the big saving at 64x64 latents).
     """
 
     caption_dropout: float = 0.1
@@ -268,11 +269,15 @@ def _diffusion_objective(config, *, optimizer, ema_decay, microbatches, compute_
     else:
         spec = from_config(UNetSpec, config.unet, "unet")
         unet, unet_params = UNet(spec, compute_dtype), None
-    if dcfg.attention == "cudnn" and (jax.default_backend() != "gpu"
-                                      or jnp.dtype(compute_dtype) == jnp.float32):
+    backend = jax.default_backend()
+    if dcfg.attention == "cudnn" and (backend != "gpu" or jnp.dtype(compute_dtype) == jnp.float32):
         raise ConfigError("diffusion.attention='cudnn' needs an NVIDIA GPU and "
                           "train.compute_dtype='bfloat16' (this run: "
-                          f"{jax.default_backend()}, {jnp.dtype(compute_dtype).name}); use 'xla'")
+                          f"{backend}, {jnp.dtype(compute_dtype).name}); use 'xla'")
+    # (An abstract build may target a TPU topology from a CPU host: launch/aot_check.py.)
+    if dcfg.attention == "tpu_flash" and backend != "tpu" and not abstract:
+        raise ConfigError(f"diffusion.attention='tpu_flash' needs TPUs (this run: {backend}); "
+                          "use 'xla'")
     # How the UNet runs, not what it is: neither changes a parameter or a forward value.
     unet = unet.clone(remat=dcfg.unet_remat, attention_impl=dcfg.attention)
     if spec.context_dim != text_spec.width:

@@ -47,7 +47,10 @@ def test_remat_and_attention_reach_the_unet_and_bad_values_are_named():
     assert (unet.remat, unet.attention_impl) == (False, "xla")
     unet = _sd15_objective("--config.diffusion.unet_remat=True").step.keywords["unet"]
     assert unet.remat and unet.spec.num_blocks > 0
-    with pytest.raises(ValueError, match="diffusion.attention='flash': expected one of xla, cudnn"):
+    unet = _sd15_objective("--config.diffusion.attention=tpu_flash").step.keywords["unet"]
+    assert unet.attention_impl == "tpu_flash"  # abstract: may target a TPU topology from here
+    with pytest.raises(ValueError, match="diffusion.attention='flash': expected one of xla, cudnn, "
+                                         "tpu_flash"):
         _sd15_objective("--config.diffusion.attention=flash")
     with pytest.raises(ConfigError, match="'cudnn' needs an NVIDIA GPU .*this run: cpu"):
         _sd15_objective("--config.diffusion.attention=cudnn")
