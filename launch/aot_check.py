@@ -38,6 +38,9 @@ def _parse(argv):
     where.add_argument("--topology", help="TPU topology, e.g. v4:2x2x2, v5e:4x4, v5p:4x4x4")
     parser.add_argument("--chips-per-host", default="2,2,1",
                         help="with --topology: chips per host bounds (default 2,2,1)")
+    parser.add_argument("--chip-config", default=None,
+                        help="with --topology: libtpu chip config; default megacore for v4 "
+                             "(one JAX device per chip, as on a real v4 slice), else libtpu's")
     args, overrides = parser.parse_known_args(argv)
     return args, overrides
 
@@ -64,9 +67,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.topology:
         from jax.experimental import topologies
         try:
+            chip_config = args.chip_config or (
+                "megacore" if args.topology.startswith("v4:") else None)
             topo = topologies.get_topology_desc(
                 topology_name=args.topology, platform="tpu",
-                chips_per_host_bounds=tuple(int(c) for c in args.chips_per_host.split(",")))
+                chips_per_host_bounds=tuple(int(c) for c in args.chips_per_host.split(",")),
+                **({"chip_config_name": chip_config} if chip_config else {}))
         except Exception as e:  # no libtpu, unknown topology name
             print(f"aot_check: cannot describe TPU topology {args.topology!r} ({e}); install "
                   "libtpu (pip install 'jax[tpu]') or use --devices N", file=sys.stderr)

@@ -226,6 +226,28 @@ def check_batch_size(global_batch: int, mesh: Mesh, cfg: MeshConfig, *,
                          f"{jax.process_count()} processes")
 
 
+def per_batch_shard(fn, batch_size: int):
+    """``fn`` run on each device's own rows, for kernels XLA cannot partition (Pallas/Mosaic).
+
+    Inside ``jax.set_mesh`` (training, launch/aot_check.py) this is a ``shard_map`` of ``fn``
+    over the mesh axes of logical ``batch`` under the default rules; every argument and the
+    result have the batch as their leading axis, the other axes whole on each device. Outside
+    a mesh (one device) it is ``fn``. None when ``batch_size`` does not split evenly over
+    those axes: the caller takes its partitionable path instead.
+    """
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return fn
+    axes = tuple(a for a in batch_axes(MeshConfig()) if mesh.shape.get(a, 1) > 1)
+    if not axes:
+        return fn
+    if batch_size % math.prod(mesh.shape[a] for a in axes):
+        return None
+    spec = P(axes)
+    # check_vma=False: the kernel is opaque to shard_map's replication checker.
+    return jax.shard_map(fn, mesh=mesh, in_specs=spec, out_specs=spec, check_vma=False)
+
+
 def global_batch(local: dict[str, np.ndarray], mesh: Mesh, cfg: MeshConfig) -> dict[str, jax.Array]:
     """This process's rows -> global arrays sharded over the batch axes.
 

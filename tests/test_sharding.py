@@ -15,7 +15,7 @@ import jax
 import pytest
 from jax.sharding import AbstractMesh, PartitionSpec as P
 
-from snapjax.sharding import MESH_AXES, MeshConfig, logical_axes, partition_spec
+from snapjax.sharding import MESH_AXES, MeshConfig, logical_axes, partition_spec, per_batch_shard
 
 
 def mesh(data=1, fsdp=1, tensor=1):
@@ -108,3 +108,37 @@ def test_mesh_params_and_batch_on_8_devices():
         in errors[0]
     assert "batch size 16 (4 microbatches of 4) cannot be split" in errors[2]
     assert jax.device_count() == 1  # this process was left alone
+
+
+def test_per_batch_shard_wraps_kernels_in_shard_map_over_the_batch_axes():
+    def rowwise(x):
+        return x * 2.0
+
+    x = jax.ShapeDtypeStruct((8, 3), jax.numpy.float32)
+    assert per_batch_shard(rowwise, 8) is rowwise  # no mesh: nothing to split
+    with jax.sharding.use_abstract_mesh(mesh(tensor=2)):
+        assert per_batch_shard(rowwise, 8) is rowwise  # batch axes of size 1
+    with jax.sharding.use_abstract_mesh(mesh(data=2, fsdp=4)):
+        assert per_batch_shard(rowwise, 6) is None  # 6 rows over 8 shards: caller falls back
+        jaxpr = str(jax.make_jaxpr(per_batch_shard(rowwise, 8))(x))
+    assert "shard_map" in jaxpr and "('data', 'fsdp')" in jaxpr, jaxpr
+
+
+def test_per_batch_shard_on_8_devices_equals_the_whole_batch():
+    out = _run_8_devices("""
+        import jax, jax.numpy as jnp, numpy as np
+        from snapjax import sharding
+        from snapjax.models.attention import dot_product_attention
+        cfg = sharding.MeshConfig(data=2, fsdp=4)
+        mesh = sharding.make_mesh(cfg)
+        q, k, v = (jax.device_put(jax.random.normal(key, (8, 16, 2, 4)),
+                                  sharding.batch_sharding(mesh, cfg))
+                   for key in jax.random.split(jax.random.key(0), 3))
+        want = jax.jit(dot_product_attention)(q, k, v)
+        with jax.set_mesh(mesh):
+            got = jax.jit(sharding.per_batch_shard(dot_product_attention, 8))(q, k, v)
+        np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-6, atol=1e-6)
+        assert got.sharding.spec[0] == ("data", "fsdp"), got.sharding
+        print("OK")
+    """)
+    assert out.strip().endswith("OK")

@@ -7,9 +7,13 @@ cuDNN / TPU kernels where they exist for the dtype and shapes at hand.
 
 from __future__ import annotations
 
+import functools
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+
+from snapjax import sharding
 
 
 # The Pallas TPU kernel's default tiles are 128 long on both sequence axes.
@@ -23,17 +27,28 @@ def dot_product_attention(q_BLNH: jax.Array, k_BSNH: jax.Array, v_BSNH: jax.Arra
     ``implementation``: None or 'xla' (XLA; scores and softmax in float32 whatever the input
     dtype), 'cudnn' (``jax.nn.dot_product_attention``'s fused kernel, NVIDIA GPUs, bf16/fp16), or
     'tpu_flash' (the Pallas TPU flash-attention kernel: the L x S scores are never stored, in the
-    forward or the backward pass). 'tpu_flash' runs where both sequence lengths are multiples
-    of 128 (SD's self-attention at 16x16 latents and up); shorter ones, such as the 77-token
-    cross-attention, are cheap and go to XLA.
+    forward or the backward pass). 'tpu_flash' runs where the kernel takes the shapes: both
+    sequence lengths multiples of 128 (SD's self-attention at 16x16 latents and up) and a head
+    width of at most 128 or a multiple of it. The rest goes to XLA: the 77-token cross-attention
+    and SD-v1.5's 160-wide heads, which only occur at 16x16 latents where the scores are small.
     """
     if implementation == "tpu_flash":
-        L, S = q_BLNH.shape[1], k_BSNH.shape[1]
-        if L % _TPU_FLASH_BLOCK == 0 and S % _TPU_FLASH_BLOCK == 0:
-            return _tpu_flash_attention(q_BLNH, k_BSNH, v_BSNH, is_causal)
+        kernel = None
+        if tpu_flash_fits(q_BLNH.shape[1], k_BSNH.shape[1], q_BLNH.shape[-1]):
+            # A Mosaic kernel is not partitioned by XLA: on a mesh it runs per batch shard.
+            kernel = sharding.per_batch_shard(
+                functools.partial(_tpu_flash_attention, is_causal=is_causal), q_BLNH.shape[0])
+        if kernel is not None:
+            return kernel(q_BLNH, k_BSNH, v_BSNH)
         implementation = None
     return jax.nn.dot_product_attention(q_BLNH, k_BSNH, v_BSNH, is_causal=is_causal,
                                         implementation=implementation)
+
+
+def tpu_flash_fits(query_len: int, key_len: int, head_dim: int) -> bool:
+    """Whether the Pallas TPU kernel takes these shapes (whole tiles; its head-width rule)."""
+    return (query_len % _TPU_FLASH_BLOCK == 0 and key_len % _TPU_FLASH_BLOCK == 0
+            and (head_dim <= _TPU_FLASH_BLOCK or head_dim % _TPU_FLASH_BLOCK == 0))
 
 
 def _tpu_flash_attention(q_BLNH, k_BSNH, v_BSNH, is_causal: bool) -> jax.Array:
