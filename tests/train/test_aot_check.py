@@ -21,9 +21,9 @@ NO_WEIGHTS = ["--config.diffusion.unet_init=", "--config.diffusion.text_encoder=
 
 def _sd15_objective(*overrides, compute_dtype=jax.numpy.bfloat16):
     config = load_config(str(REPO / "configs" / "sd15_finetune.py"), [*NO_WEIGHTS, *overrides])
-    return objectives.build_objective(config, optimizer=optim.make_optimizer(optim.OptimConfig(), 10),
-                                      ema_decay=0.9999, microbatches=1,
-                                      compute_dtype=compute_dtype, abstract=True)
+    optimizer = optim.make_optimizer(optim.OptimConfig(), 10)
+    return objectives.build_objective(config, optimizer=optimizer, ema_decay=0.9999,
+                                      microbatches=1, compute_dtype=compute_dtype, abstract=True)
 
 
 def test_sd15_pod_config_builds_from_shapes_alone():
