@@ -1,7 +1,9 @@
 """Compile a config's train step for a mesh you do not have, and print per-device memory.
 
-    # 64 fake CPU devices standing in for the chips (memory is XLA:CPU's estimate):
-    python launch/aot_check.py --config configs/sd15_finetune.py --devices 64
+    # 64 fake CPU devices standing in for the chips (memory is XLA:CPU's estimate; the TPU
+    # flash-attention kernel cannot compile for CPU, so XLA's attention stands in):
+    python launch/aot_check.py --config configs/sd15_finetune.py --devices 64 \\
+        --config.diffusion.attention=xla
 
     # A real TPU topology, compiled by libtpu without a TPU attached (pip install "jax[tpu]",
     # or just libtpu, e.g. into a side folder: pip install --target /tmp/libtpu libtpu and
@@ -63,6 +65,12 @@ def main(argv: list[str] | None = None) -> int:
     from snapjax.train.loop import build_setup
 
     config = load_config(args.config, overrides)
+    attention = config.get("diffusion", {}).get("attention")
+    if attention == "tpu_flash" and not args.topology:
+        print("aot_check: diffusion.attention='tpu_flash' is a TPU kernel and compiles only for "
+              "a --topology; for fake CPU devices add --config.diffusion.attention=xla",
+              file=sys.stderr)
+        return 2
 
     if args.topology:
         from jax.experimental import topologies

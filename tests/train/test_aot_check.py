@@ -68,3 +68,11 @@ def test_aot_check_reports_per_device_memory(jax_cache):
     peak = re.search(r"per-device peak .*: [0-9.]+ GiB \((\d+) bytes\)", out.stdout)
     assert peak and int(peak[1]) > 0, out.stdout
     assert "temp_size_in_bytes" in out.stdout
+
+
+def test_aot_check_refuses_the_tpu_kernel_on_fake_cpu_devices():
+    out = subprocess.run([sys.executable, str(REPO / "launch" / "aot_check.py"), "--config",
+                          str(REPO / "configs" / "sd15_finetune.py"), "--devices", "8", *NO_WEIGHTS],
+                         cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 2
+    assert "--config.diffusion.attention=xla" in out.stderr, out.stderr
