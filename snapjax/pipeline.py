@@ -64,7 +64,7 @@ def read_pipeline_file(folder: str | os.PathLike) -> PipelineFile:
     if unknown:
         raise ValueError(f"{path}: unknown key(s) {unknown}")
     for key in ("scheduler", "sample_size"):
-        if key not in meta:
+        if meta.get(key) is None:
             raise ValueError(f"{path}: missing key {key!r}")
     if not isinstance(meta["scheduler"], dict):
         raise ValueError(f"{path}: 'scheduler' must be an object of NoiseSchedule fields")
@@ -82,11 +82,8 @@ def read_pipeline_file(folder: str | os.PathLike) -> PipelineFile:
                              f"{'integer' if kind is int else 'number'}, got {value!r}")
         return value
 
-    sample_size = positive("sample_size", int)
-    if sample_size is None:
-        raise ValueError(f"{path}: 'sample_size' must be a positive integer, got null")
     guidance = positive("guidance_scale", (int, float))
-    return PipelineFile(schedule=schedule, sample_size=sample_size,
+    return PipelineFile(schedule=schedule, sample_size=positive("sample_size", int),
                         num_steps=positive("num_steps", int),
                         guidance_scale=None if guidance is None else float(guidance))
 
@@ -144,14 +141,12 @@ class TextToImage:
         text_encoder, text_params = pretrained.load_component(
             path / "text_encoder", "text_encoder", dtype=dtype)
         tokenizer = Tokenizer.from_folder(path / "tokenizer")
-        defaults = {}
+        num_steps, guidance_scale = DEFAULT_NUM_STEPS, DEFAULT_GUIDANCE_SCALE
         if (path / PIPELINE_FILE).is_file():
             meta = read_pipeline_file(path)
             schedule, sample_size = meta.schedule, meta.sample_size
-            if meta.num_steps is not None:
-                defaults["num_steps"] = meta.num_steps
-            if meta.guidance_scale is not None:
-                defaults["guidance_scale"] = meta.guidance_scale
+            num_steps = meta.num_steps or num_steps  # recorded values are positive
+            guidance_scale = meta.guidance_scale or guidance_scale
         else:
             config = path / "scheduler" / "scheduler_config.json"
             if not config.is_file():
@@ -161,7 +156,8 @@ class TextToImage:
             sample_size = int(unet_config.get("sample_size") or 64)
         return cls(unet=unet, unet_params=unet_params, vae=vae, vae_params=vae_params,
                    text_encoder=text_encoder, text_encoder_params=text_params,
-                   tokenizer=tokenizer, schedule=schedule, sample_size=sample_size, **defaults)
+                   tokenizer=tokenizer, schedule=schedule, sample_size=sample_size,
+                   num_steps=num_steps, guidance_scale=guidance_scale)
 
     def save_pretrained(self, path: str | os.PathLike, *, overwrite: bool = False) -> Path:
         """Write a snapjax pipeline folder (atomically: a temporary sibling renamed into place)."""
@@ -187,8 +183,8 @@ class TextToImage:
         return _encode_text(self.text_encoder, self.text_encoder_params, ids)
 
     def __call__(self, prompts: str | Sequence[str], *, num_steps: int | None = None,
-                 guidance_scale: float | None = None, seed: int = 0, latents: np.ndarray | None = None,
-                 negative_prompt: str | Sequence[str] | None = None, height: int | None = None,
+                 guidance_scale: float | None = None, seed: int = 0,
+                 latents: np.ndarray | None = None, negative_prompt: str | Sequence[str] | None = None, height: int | None = None,
                  width: int | None = None, return_latents: bool = False,
                  first_index: int = 0) -> np.ndarray:
         """Images ``B H W 3`` uint8, or with ``return_latents`` the final latents ``B h w C``.

@@ -33,6 +33,7 @@ from export.torch.layers import ATTENTION_IMPLEMENTATIONS
 from export.torch.mirror import mirror_from_params
 from snapjax.pretrained import replace_folder
 from snapjax.diffusion.schedule import NoiseSchedule
+from snapjax.pipeline import DEFAULT_GUIDANCE_SCALE, DEFAULT_NUM_STEPS
 
 CHUNK_THRESHOLD_BYTES = 1 << 30  # Apple chunks UNets over 1 GB (iOS memory mapping limits)
 MIRROR_KIND = {"text_encoder": "text_encoder", "unet": "unet", "vae": "vae_decoder"}
@@ -72,9 +73,9 @@ def _resolve(source: ExportSource, opts: CoreMLOptions,
     latent = opts.latent_size or source.sample_size or 64
     text = source.components.get("text_encoder")
     context = opts.context_length or (text.spec.max_length if text else 77)
-    steps = opts.num_steps or source.num_steps or 50
+    steps = opts.num_steps or source.num_steps or DEFAULT_NUM_STEPS
     guidance = opts.guidance_scale if opts.guidance_scale is not None else (
-        source.guidance_scale if source.guidance_scale is not None else 7.5)
+        source.guidance_scale if source.guidance_scale is not None else DEFAULT_GUIDANCE_SCALE)
     if "unet" in source.components:
         factor = 2 ** (source.components["unet"].spec.num_stages - 1)
         if latent % factor:

@@ -1,8 +1,8 @@
 """Multi-head attention shared by the UNet, the VAE and the text encoder.
 
 Legend: B batch, L query length, S key length, D model width, N heads, H head width.
-Everything goes through ``jax.nn.dot_product_attention`` so that XLA picks the fused
-cuDNN / TPU kernels where they exist for the dtype and shapes at hand.
+Everything goes through :func:`dot_product_attention`: ``jax.nn.dot_product_attention``
+(XLA, or cuDNN's fused kernel) or the Pallas TPU flash-attention kernel.
 """
 
 from __future__ import annotations
@@ -16,6 +16,9 @@ import jax.numpy as jnp
 from snapjax import sharding
 
 
+# The implementations dot_product_attention takes by name, and the platform each needs.
+IMPLEMENTATIONS = ("xla", "cudnn", "tpu_flash")
+REQUIRED_PLATFORM = {"cudnn": "gpu", "tpu_flash": "tpu"}
 # The Pallas TPU kernel's default tiles are 128 long on both sequence axes.
 _TPU_FLASH_BLOCK = 128
 

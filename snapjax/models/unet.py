@@ -111,7 +111,8 @@ class UNet(nn.Module):
     """UNet2DConditionModel semantics for any :class:`UNetSpec`.
 
     ``dtype`` is the compute dtype; parameters stay float32 and the output is float32.
-    ``attention_impl`` goes to ``jax.nn.dot_product_attention`` (None = XLA, or 'cudnn').
+    ``attention_impl``: :func:`snapjax.models.attention.dot_product_attention`'s implementation
+    (None = XLA, 'cudnn' or 'tpu_flash').
     ``remat=True`` recomputes each ResNet and transformer block in the backward pass instead of
     keeping its activations (only block inputs are saved): about one more forward of compute for
     a large cut in training memory (SD-v1.5's 64x64 attention scores alone are ~0.5 GB per image

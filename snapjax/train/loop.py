@@ -122,7 +122,7 @@ def build_setup(config: ml_collections.ConfigDict, devices=None, *,
     objective = objectives.build_objective(
         config, optimizer=optimizer, ema_decay=opt_cfg.ema_decay,
         microbatches=opt_cfg.grad_accum_steps, compute_dtype=COMPUTE_DTYPES[train.compute_dtype],
-        abstract=abstract)
+        abstract=abstract, platform=mesh.devices.flat[0].platform)
     return Setup(train, mesh_cfg, opt_cfg, mesh, optimizer, objective)
 
 

@@ -34,6 +34,7 @@ from snapjax.config import ConfigError, from_config
 from snapjax.data.pipeline import DataConfig
 from snapjax.diffusion import ddim
 from snapjax.diffusion.schedule import NoiseSchedule
+from snapjax.models import attention as attention_lib
 from snapjax.models.text_encoder import TextEncoder, TextEncoderSpec
 from snapjax.models.unet import UNet
 from snapjax.models.unet_spec import UNetSpec
@@ -59,9 +60,6 @@ class VAELossConfig:
             raise ValueError(f"vae_loss.recon={self.recon!r}: expected 'l1' or 'l2'")
         if self.kl_weight < 0:
             raise ValueError(f"vae_loss.kl_weight must be >= 0, got {self.kl_weight}")
-
-
-ATTENTION_IMPLEMENTATIONS = ("xla", "cudnn", "tpu_flash")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -96,9 +94,9 @@ class DiffusionConfig:
     attention: str = "xla"
 
     def __post_init__(self):
-        if self.attention not in ATTENTION_IMPLEMENTATIONS:
+        if self.attention not in attention_lib.IMPLEMENTATIONS:
             raise ValueError(f"diffusion.attention={self.attention!r}: expected one of "
-                             f"{', '.join(ATTENTION_IMPLEMENTATIONS)}")
+                             f"{', '.join(attention_lib.IMPLEMENTATIONS)}")
         if not 0.0 <= self.caption_dropout < 1.0:
             raise ValueError("diffusion.caption_dropout must be in [0, 1), "
                              f"got {self.caption_dropout}")
@@ -142,16 +140,18 @@ class Objective:
 
 def build_objective(config: ml_collections.ConfigDict, *, optimizer: optax.GradientTransformation,
                     ema_decay: float, microbatches: int, compute_dtype: Any,
-                    abstract: bool = False) -> Objective:
+                    abstract: bool = False, platform: str | None = None) -> Objective:
     """``abstract``: shapes only, nothing loaded or computed (for ahead-of-time compilation);
-    model folders are read for their specs, the tokenizer and sampler are left out."""
+    model folders are read for their specs, the tokenizer and sampler are left out.
+    ``platform``: the target devices' ("cpu", "gpu", "tpu"; default: this process's backend),
+    which device-specific kernels are checked against."""
     name = config.objective
     kwargs = dict(optimizer=optimizer, ema_decay=ema_decay, microbatches=microbatches,
                   compute_dtype=compute_dtype, abstract=abstract)
     if name == "vae":
         return _vae_objective(config, **kwargs)
     if name == "unet_diffusion":
-        return _diffusion_objective(config, **kwargs)
+        return _diffusion_objective(config, platform=platform or jax.default_backend(), **kwargs)
     raise ConfigError(f"config.objective={name!r}: expected one of {list(OBJECTIVES)}")
 
 
@@ -235,7 +235,7 @@ def _component(path: str, kind: str, dtype, abstract: bool):
 
 
 def _diffusion_objective(config, *, optimizer, ema_decay, microbatches, compute_dtype,
-                         abstract) -> Objective:
+                         abstract, platform) -> Objective:
     dcfg = from_config(DiffusionConfig, config.diffusion, "diffusion")
     schedule = from_config(NoiseSchedule, config.schedule, "schedule")
     data = data_config(config)
@@ -269,15 +269,12 @@ def _diffusion_objective(config, *, optimizer, ema_decay, microbatches, compute_
     else:
         spec = from_config(UNetSpec, config.unet, "unet")
         unet, unet_params = UNet(spec, compute_dtype), None
-    backend = jax.default_backend()
-    if dcfg.attention == "cudnn" and (backend != "gpu" or jnp.dtype(compute_dtype) == jnp.float32):
-        raise ConfigError("diffusion.attention='cudnn' needs an NVIDIA GPU and "
-                          "train.compute_dtype='bfloat16' (this run: "
-                          f"{backend}, {jnp.dtype(compute_dtype).name}); use 'xla'")
-    # (An abstract build may target a TPU topology from a CPU host: launch/aot_check.py.)
-    if dcfg.attention == "tpu_flash" and backend != "tpu" and not abstract:
-        raise ConfigError(f"diffusion.attention='tpu_flash' needs TPUs (this run: {backend}); "
-                          "use 'xla'")
+    needs = attention_lib.REQUIRED_PLATFORM.get(dcfg.attention)
+    if needs and platform != needs:
+        raise ConfigError(f"diffusion.attention={dcfg.attention!r} runs on {needs} devices only "
+                          f"(this run: {platform}); use --config.diffusion.attention=xla")
+    if dcfg.attention == "cudnn" and jnp.dtype(compute_dtype) == jnp.float32:
+        raise ConfigError("diffusion.attention='cudnn' needs train.compute_dtype='bfloat16'")
     # How the UNet runs, not what it is: neither changes a parameter or a forward value.
     unet = unet.clone(remat=dcfg.unet_remat, attention_impl=dcfg.attention)
     if spec.context_dim != text_spec.width:

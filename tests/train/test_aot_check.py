@@ -19,11 +19,13 @@ NO_WEIGHTS = ["--config.diffusion.unet_init=", "--config.diffusion.text_encoder=
               "--config.diffusion.vae="]
 
 
-def _sd15_objective(*overrides, compute_dtype=jax.numpy.bfloat16):
+def _sd15_objective(*overrides, compute_dtype=jax.numpy.bfloat16, platform="tpu"):
+    """Built for ``platform``'s devices (the pod variant's are TPUs), from shapes alone."""
     config = load_config(str(REPO / "configs" / "sd15_finetune.py"), [*NO_WEIGHTS, *overrides])
     optimizer = optim.make_optimizer(optim.OptimConfig(), 10)
     return objectives.build_objective(config, optimizer=optimizer, ema_decay=0.9999,
-                                      microbatches=1, compute_dtype=compute_dtype, abstract=True)
+                                      microbatches=1, compute_dtype=compute_dtype, abstract=True,
+                                      platform=platform)
 
 
 def test_sd15_pod_config_builds_from_shapes_alone():
@@ -43,8 +45,7 @@ def test_sd15_pod_config_builds_from_shapes_alone():
 
 
 def test_remat_and_attention_reach_the_unet_and_bad_values_are_named():
-    # The pod variant's flash attention builds here because the build is abstract: it may
-    # target a TPU topology from this CPU (launch/aot_check.py).
+    # The pod variant targets TPUs, which this CPU host can compile for (launch/aot_check.py).
     unet = _sd15_objective().step.keywords["unet"]
     assert (unet.remat, unet.attention_impl) == (False, "tpu_flash")
     unet = _sd15_objective("--config.diffusion.unet_remat=True",
@@ -53,8 +54,13 @@ def test_remat_and_attention_reach_the_unet_and_bad_values_are_named():
     with pytest.raises(ValueError, match="diffusion.attention='flash': expected one of xla, cudnn, "
                                          "tpu_flash"):
         _sd15_objective("--config.diffusion.attention=flash")
-    with pytest.raises(ConfigError, match="'cudnn' needs an NVIDIA GPU .*this run: cpu"):
-        _sd15_objective("--config.diffusion.attention=cudnn")
+    with pytest.raises(ConfigError, match=r"'cudnn' runs on gpu devices only \(this run: cpu\)"):
+        _sd15_objective("--config.diffusion.attention=cudnn", platform="cpu")
+    with pytest.raises(ConfigError, match=r"'tpu_flash' runs on tpu devices only \(this run: cpu"):
+        _sd15_objective(platform="cpu")
+    with pytest.raises(ConfigError, match="'cudnn' needs train.compute_dtype='bfloat16'"):
+        _sd15_objective("--config.diffusion.attention=cudnn", platform="gpu",
+                        compute_dtype=jax.numpy.float32)
 
 
 def test_aot_check_reports_per_device_memory(jax_cache):
