@@ -44,8 +44,8 @@ class ResnetBlock(nn.Module):
     """diffusers' ResnetBlock2D (pre-norm, SiLU, optional time embedding).
 
     ``residual=False`` is a block whose residual branch was removed: only the shortcut is left.
-    ``keep`` (a traced scalar, 1 run / 0 drop) drops the residual branch at call time with static
-    shapes; a dropped block is exactly a removed one.
+    ``keep`` (a traced scalar or per-example (B, 1, 1, 1) values, 1 run / 0 drop) drops the
+    residual branch at call time with static shapes; a dropped block is exactly a removed one.
     """
 
     out_channels: int

@@ -7,12 +7,14 @@ Which blocks exist is data (:class:`~snapjax.models.unet_spec.UNetSpec`); this m
 it. Parameter names are a contract with the importer, the exporters and evolution:
 
   conv_in, time_embedding/linear_{1,2},
-  down_{s}_{u}_res, down_{s}_{u}_attn, down_{s}_downsample,
-  mid_res_0, mid_attn, mid_res_1,
-  up_{s}_{u}_res, up_{s}_{u}_attn, up_{s}_upsample,
+  down_{s}_{u}_res[_k], down_{s}_{u}_attn[_k], down_{s}_downsample,
+  mid_res_{k}, mid_attn[_k],
+  up_{s}_{u}_res[_k], up_{s}_{u}_attn[_k], up_{s}_upsample,
   conv_norm_out, conv_out
 
-with ``s`` the resolution stage (0 = full resolution) on both paths. A transformer holds
+with ``s`` the resolution stage (0 = full resolution) on both paths, ``u`` the unit and ``k``
+the block's count among its kind in the unit (omitted for the first; see
+:mod:`snapjax.models.unet_spec`). A transformer holds
 ``norm, proj_in, block_{k}/{norm1, attn1, norm2, attn2, norm3, ff_proj, ff_out}, proj_out``.
 """
 
@@ -28,7 +30,7 @@ import jax.numpy as jnp
 from snapjax.models.attention import Attention
 from snapjax.models.layers import (Downsample, ResnetBlock, Upsample, conv, group_norm,
                                    timestep_embedding)
-from snapjax.models.unet_spec import UNetSpec
+from snapjax.models.unet_spec import UNetSpec, letter_names
 
 # Transformer2DModel's GroupNorm eps is fixed in diffusers, unlike the ResNets' norm_eps.
 _TRANSFORMER_NORM_EPS = 1e-6
@@ -127,7 +129,8 @@ class UNet(nn.Module):
     @nn.compact
     def __call__(self, sample_BHWC: jax.Array, timesteps_B: jax.Array, context_BLD: jax.Array,
                  block_mask: jax.Array | None = None) -> jax.Array:
-        """``block_mask``: optional float vector, ``spec.block_names()`` order, 1 run / 0 drop."""
+        """``block_mask``: optional floats in ``spec.block_names()`` order, 1 run / 0 drop: one
+        vector for the whole batch (N,) or one row per example (B, N), at the same cost."""
         spec, dt = self.spec, self.dtype
         _check_inputs(spec, sample_BHWC, timesteps_B, context_BLD, block_mask)
         B = sample_BHWC.shape[0]
@@ -143,8 +146,8 @@ class UNet(nn.Module):
         if self.remat:
             resnet_cls, transformer_cls = nn.remat(ResnetBlock), nn.remat(Transformer2D)
 
-        def resnet(name, unit, channels, x):
-            return resnet_cls(channels, spec.norm_groups, spec.norm_eps, residual=unit[0] == "R",
+        def resnet(name, letter, channels, x):
+            return resnet_cls(channels, spec.norm_groups, spec.norm_eps, residual=letter == "R",
                               dtype=dt, name=name)(x, temb_BT, keep(name))
 
         def transformer(name, s, x):
@@ -152,35 +155,27 @@ class UNet(nn.Module):
                                    spec.norm_groups, spec.use_linear_projection, dt,
                                    self.attention_impl, name=name)(x, ctx_BLD, keep(name))
 
-        def unit_forward(prefix, unit, s, x):
-            x = resnet(f"{prefix}_res", unit, spec.block_channels[s], x)
-            if unit.endswith("A"):
-                x = transformer(f"{prefix}_attn", s, x)
+        def unit_forward(path, s, u, unit, x):
+            for letter, (name, kind) in zip(unit, letter_names(path, s, u, unit)):
+                if kind == "attn":
+                    x = transformer(name, s, x)
+                else:
+                    x = resnet(name, letter, spec.block_channels[s], x)
             return x
 
         x = conv(spec.block_channels[0], 3, dtype=dt, name="conv_in")(sample_BHWC.astype(dt))
         skips = [x]
-        for s in range(spec.num_stages):
-            for u, unit in enumerate(spec.down[s]):
-                x = unit_forward(f"down_{s}_{u}", unit, s, x)
-                skips.append(x)
-            if s < spec.num_stages - 1:
-                x = Downsample(spec.block_channels[s], dtype=dt, name=f"down_{s}_downsample")(x)
-                skips.append(x)
-
-        if spec.mid:
-            last = spec.num_stages - 1
-            x = resnet("mid_res_0", "R", spec.block_channels[-1], x)
-            if spec.mid == "RAR":
-                x = transformer("mid_attn", last, x)
-            if len(spec.mid) > 1:
-                x = resnet("mid_res_1", "R", spec.block_channels[-1], x)
-
-        for s in reversed(range(spec.num_stages)):
-            for u, unit in enumerate(spec.up[s]):
+        for path, s, u, unit in spec.units():
+            if path == "up":
                 x = jnp.concatenate([x, skips.pop()], axis=-1)
-                x = unit_forward(f"up_{s}_{u}", unit, s, x)
-            if s > 0:
+            x = unit_forward(path, s, u, unit, x)
+            last_unit = path != "mid" and u == len(getattr(spec, path)[s]) - 1
+            if path == "down":
+                skips.append(x)
+                if last_unit and s < spec.num_stages - 1:
+                    x = Downsample(spec.block_channels[s], dtype=dt, name=f"down_{s}_downsample")(x)
+                    skips.append(x)
+            elif path == "up" and last_unit and s > 0:
                 x = Upsample(spec.block_channels[s], dtype=dt, name=f"up_{s}_upsample")(x)
 
         x = nn.silu(group_norm(spec.norm_groups, spec.norm_eps, dt, "conv_norm_out")(x))
@@ -206,17 +201,22 @@ def _check_inputs(spec: UNetSpec, sample_BHWC, timesteps_B, context_BLD, block_m
             or context_BLD.shape[-1] != spec.context_dim):
         raise ValueError(f"UNet: context must be ({B}, L, {spec.context_dim}), "
                          f"got shape {tuple(context_BLD.shape)}")
-    if block_mask is not None and tuple(jnp.shape(block_mask)) != (spec.num_blocks,):
-        raise ValueError(f"UNet: block_mask must have shape ({spec.num_blocks},) "
-                         f"(one entry per spec.block_names()), got {tuple(jnp.shape(block_mask))}")
+    if block_mask is not None and tuple(jnp.shape(block_mask)) not in ((spec.num_blocks,),
+                                                                        (B, spec.num_blocks)):
+        raise ValueError(f"UNet: block_mask must have shape ({spec.num_blocks},) or "
+                         f"({B}, {spec.num_blocks}) (one entry per spec.block_names()), got "
+                         f"{tuple(jnp.shape(block_mask))}")
 
 
 def _keep_lookup(spec: UNetSpec, block_mask):
-    """name -> traced keep scalar; None without a mask or for a block that cannot be dropped."""
+    """name -> traced keep value (a scalar, or (B, 1, 1, 1) for per-example masks); None without
+    a mask or for a block that cannot be dropped."""
     if block_mask is None:
         return lambda name: None
     index = {name: i for i, name in enumerate(spec.block_names())}
     mask = jnp.asarray(block_mask, jnp.float32)
+    if mask.ndim == 2:
+        mask = mask.T[:, :, None, None, None]  # (N, B, 1, 1, 1): broadcasts against B H W C
     return lambda name: mask[index[name]] if name in index else None
 
 

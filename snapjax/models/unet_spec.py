@@ -1,39 +1,98 @@
 """The UNet as data: which blocks exist, in which order, at which width.
 
-A spec lists, per resolution stage, the ordered *units* of the down path and of the up path.
-A unit is a string over three letters:
+A spec lists, per resolution stage, the ordered *units* of the down path and of the up path,
+plus one mid unit. A unit is a string: a head ResNet, kept ``R`` or removed ``r``, followed by
+any number of further ResNets ``R`` and cross-attention transformers ``A``, in execution order:
 
-  ``R``  a ResNet block;
-  ``r``  a ResNet block whose residual branch was removed: only its shortcut is left (identity,
-         or a 1x1 conv where the channel count changes or a skip is concatenated);
-  ``A``  a cross-attention transformer after the ResNet (residual, so removing it = identity).
+  ``R``     SD's plain ResNet unit;            ``RA``   SD's cross-attention unit;
+  ``rA``    its ResNet removed by evolution;   ``r``    ResNet and attention both gone;
+  ``RAA``   a second attention after the first (evolution duplicated it);
+  ``RRA``   a second ResNet, then an attention.
 
-So ``"RA"`` is SD's cross-attention unit, ``"R"`` a plain ResNet unit, ``"rA"`` one whose ResNet
-was removed by evolution, ``"r"`` one whose ResNet and attention are both gone.
+A removed head ResNet ``r`` keeps its shortcut (identity, or a 1x1 conv where the channel
+count changes or a skip is concatenated), so the unit still maps its input to the stage's
+width. Blocks after the head keep the width, so removing one deletes its letter entirely.
+``mid`` is a unit of the same grammar at the deepest width (``RAR`` for SD, ``rAR``, ``RA``),
+or ``""`` for no mid block.
 
 Skips follow SD: ``conv_in``, every down unit and every downsampler push one skip; every up unit
 pops one. For the shapes to meet, stage ``s`` has ``len(up[s]) == len(down[s]) + 1``.
 ``up`` is indexed by stage like ``down`` (``up[0]`` is the full-resolution stage) although the up
 path runs deepest stage first.
 
+Block names (parameter names too) count each kind within its unit: in unit ``down_{s}_{u}`` the
+ResNets are ``down_{s}_{u}_res``, ``down_{s}_{u}_res_1``, ... and the transformers
+``down_{s}_{u}_attn``, ``down_{s}_{u}_attn_1``, ...; in the mid unit ``mid_res_0``,
+``mid_res_1``, ... and ``mid_attn``, ``mid_attn_1``, .... SD's names are the ``k = 0`` ones, so
+diffusers checkpoints import unchanged. Removing or inserting a block renames the later blocks
+of the same kind in that unit (surgery renames their parameters with them).
+
 Blocks that can be dropped at call time (robust training) are named by :meth:`UNetSpec.block_names`;
-a ``block_mask`` is a float vector in that order (1 = run, 0 = drop).
+a ``block_mask`` is a float vector in that order (1 = run, 0 = drop), or one such row per example.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import re
 from typing import Any
 
-_UNIT_LETTERS = frozenset("RrA")
+_UNIT = re.compile(r"[Rr][RA]*")
 
 
 def _check_unit(unit: str, where: str) -> None:
-    if not unit or unit[0] not in "Rr" or set(unit) - _UNIT_LETTERS or unit[1:] not in ("", "A"):
+    if not isinstance(unit, str) or not _UNIT.fullmatch(unit):
         raise ValueError(
-            f"{where}: unit {unit!r} is not one of 'R', 'RA', 'r', 'rA' "
-            "(a ResNet, kept or removed, optionally followed by one attention block)")
+            f"{where}: unit {unit!r} is not a head ResNet ('R' kept or 'r' removed) followed by "
+            "any number of ResNets 'R' and attention blocks 'A' (e.g. 'R', 'RA', 'rA', 'RAA')")
+
+
+@dataclasses.dataclass(frozen=True)
+class Block:
+    """One ResNet or transformer of a spec, with what its cost and surgery depend on.
+
+    ``name``: as in the parameter tree. ``kind``: "res" or "attn". ``path``: "down", "mid" or
+    "up"; ``stage``: resolution stage (side = latent side / 2**stage); ``unit``: unit index in
+    its stage (0 for mid); ``position``: letter index in the unit string.
+    ``in_channels`` / ``out_channels``: what the block takes and gives (differ only for a head
+    ResNet). ``removed``: a head ResNet reduced to its shortcut (``r``): not droppable, no
+    residual branch, but its 1x1 shortcut (if any) still runs.
+    """
+
+    name: str
+    kind: str
+    path: str
+    stage: int
+    unit: int
+    position: int
+    in_channels: int
+    out_channels: int
+    removed: bool = False
+
+    @property
+    def has_shortcut_conv(self) -> bool:
+        return self.kind == "res" and self.in_channels != self.out_channels
+
+
+def unit_prefix(path: str, stage: int, unit: int) -> str:
+    return "mid" if path == "mid" else f"{path}_{stage}_{unit}"
+
+
+def letter_names(path: str, stage: int, unit: int, letters: str) -> list[tuple[str, str]]:
+    """(name, kind) of each letter of a unit string, by the naming rule above."""
+    prefix = unit_prefix(path, stage, unit)
+    counts = {"res": 0, "attn": 0}
+    out = []
+    for letter in letters:
+        kind = "attn" if letter == "A" else "res"
+        k = counts[kind]
+        counts[kind] += 1
+        if path == "mid" and kind == "res":
+            out.append((f"mid_res_{k}", kind))
+        else:
+            out.append((f"{prefix}_{kind}" + (f"_{k}" if k else ""), kind))
+    return out
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,7 +103,7 @@ class UNetSpec:
     down: tuple[tuple[str, ...], ...] = (("RA", "RA"), ("RA", "RA"), ("RA", "RA"), ("R", "R"))
     up: tuple[tuple[str, ...], ...] = (
         ("RA", "RA", "RA"), ("RA", "RA", "RA"), ("RA", "RA", "RA"), ("R", "R", "R"))
-    # "RAR", "RR" (attention removed), "R" (one ResNet: diffusers' UNetMidBlock2D) or "" (none)
+    # A unit at the deepest width: "RAR" (SD), "R" (diffusers' UNetMidBlock2D), "rAR", ... or ""
     mid: str = "RAR"
     in_channels: int = 4
     out_channels: int = 4
@@ -75,8 +134,8 @@ class UNetSpec:
                     f"UNetSpec stage {s}: {len(self.down[s])} down units push "
                     f"{len(self.down[s]) + 1} skips (with the conv_in/downsampler skip) but "
                     f"{len(self.up[s])} up units pop them; need len(up[{s}]) == len(down[{s}]) + 1")
-        if self.mid not in ("RAR", "RR", "R", ""):
-            raise ValueError(f"UNetSpec.mid={self.mid!r}: expected 'RAR', 'RR', 'R' or ''")
+        if self.mid:
+            _check_unit(self.mid, "UNetSpec.mid")
         for s, c in enumerate(self.block_channels):
             if c % self.norm_groups:
                 raise ValueError(f"UNetSpec.block_channels[{s}]={c} is not divisible by "
@@ -93,34 +152,49 @@ class UNetSpec:
     def time_dim(self) -> int:
         return self.time_embed_dim or 4 * self.block_channels[0]
 
+    def units(self) -> list[tuple[str, int, int, str]]:
+        """(path, stage, unit index, unit string) in execution order: down, mid, up."""
+        out = [("down", s, u, unit) for s in range(self.num_stages)
+               for u, unit in enumerate(self.down[s])]
+        if self.mid:
+            out.append(("mid", self.num_stages - 1, 0, self.mid))
+        out += [("up", s, u, unit) for s in reversed(range(self.num_stages))
+                for u, unit in enumerate(self.up[s])]
+        return out
+
+    def blocks(self) -> tuple[Block, ...]:
+        """Every ResNet and transformer (removed head ResNets too) in execution order, with
+        their channels: the one walk of the skip structure that the UNet, its PyTorch mirror,
+        the latency tables and surgery all follow."""
+        ch, n = self.block_channels, self.num_stages
+        x, skips, out = ch[0], [ch[0]], []
+        for path, s, u, unit in self.units():
+            if path == "up":
+                x += skips.pop()
+            for pos, (letter, (name, kind)) in enumerate(
+                    zip(unit, letter_names(path, s, u, unit))):
+                out.append(Block(name, kind, path, s, u, pos, x if pos == 0 else ch[s], ch[s],
+                                 removed=letter == "r"))
+            x = ch[s]
+            if path == "down":
+                skips.append(x)
+                if u == len(self.down[s]) - 1 and s < n - 1:
+                    skips.append(x)  # the downsampler's skip
+        return tuple(out)
+
+    def block(self, name: str) -> Block:
+        """The block called ``name``; ValueError listing the droppable names if there is none."""
+        for b in self.blocks():
+            if b.name == name:
+                return b
+        raise ValueError(f"UNetSpec has no block {name!r}; blocks: {', '.join(self.block_names())}")
+
     def block_names(self) -> tuple[str, ...]:
         """Droppable blocks in execution order; the order of a ``block_mask`` vector.
 
-        Names match the parameter tree: ``down_{s}_{u}_res``, ``down_{s}_{u}_attn``,
-        ``mid_res_0``, ``mid_attn``, ``mid_res_1``, ``up_{s}_{u}_res``, ``up_{s}_{u}_attn``.
-        Removed blocks (``r``, missing ``A``) are not listed: there is nothing left to drop.
+        Removed head ResNets (``r``) are not listed: there is nothing left to drop.
         """
-        names = []
-
-        def unit_blocks(prefix: str, unit: str):
-            if unit[0] == "R":
-                names.append(f"{prefix}_res")
-            if unit.endswith("A"):
-                names.append(f"{prefix}_attn")
-
-        for s in range(self.num_stages):
-            for u, unit in enumerate(self.down[s]):
-                unit_blocks(f"down_{s}_{u}", unit)
-        if self.mid:
-            names.append("mid_res_0")
-            if self.mid == "RAR":
-                names.append("mid_attn")
-            if len(self.mid) > 1:
-                names.append("mid_res_1")
-        for s in reversed(range(self.num_stages)):
-            for u, unit in enumerate(self.up[s]):
-                unit_blocks(f"up_{s}_{u}", unit)
-        return tuple(names)
+        return tuple(b.name for b in self.blocks() if not b.removed)
 
     @property
     def num_blocks(self) -> int:
@@ -147,6 +221,19 @@ class UNetSpec:
 
 SD15 = UNetSpec()
 
+# SnapFusion's efficient UNet (paper, Table 3) on SD-v1.5's widths. Table 3 gives only block
+# counts per stage; where it keeps fewer blocks than SD's skip structure has units, the unit
+# stays and loses its ResNet ('r'), and the blocks kept come first in their stage:
+#   down 64 (320):  2 RB, 0 CA      down 32 (640): 2 RB, 2 CA     down 16 (1280): 1 RB, 2 CA
+#   8x8 (1280):     4 RB of SD's 7 (down-4's two removed, and the last of up-4's three), 1 CA
+#   up 16 (1280):   2 RB, 6 CA (two per unit)   up 32 (640): 3 RB, 3 CA   up 64 (320): 3 RB, 0 CA
+# docs/unet_spec.md gives its params and GFLOPs next to SD-v1.5's (and why Table 1's 848 M
+# cannot be matched by any arrangement of Table 3's blocks).
+SNAPFUSION = UNetSpec(
+    down=(("R", "R"), ("RA", "RA"), ("RA", "rA"), ("r", "r")),
+    up=(("R", "R", "R"), ("RA", "RA", "RA"), ("RAA", "RAA", "rAA"), ("R", "R", "r")),
+    mid="RAR")
+
 # A few-MB UNet with SD-v1.5's structure, for tests and the CPU-sized world configs.
 TINY = UNetSpec(
     block_channels=(32, 64),
@@ -159,7 +246,7 @@ TINY = UNetSpec(
     norm_groups=8,
 )
 
-PRESETS: dict[str, UNetSpec] = {"sd15": SD15, "tiny": TINY}
+PRESETS: dict[str, UNetSpec] = {"sd15": SD15, "snapfusion": SNAPFUSION, "tiny": TINY}
 
 
 def preset(name: str) -> UNetSpec:
