@@ -18,7 +18,7 @@ from torch import nn
 
 from export.torch.layers import (ATTENTION_IMPLEMENTATIONS, Attention, Downsample, ResnetBlock,
                                  Upsample, channel_layer_norm, conv1x1, timestep_embedding)
-from snapjax.models.unet_spec import UNetSpec
+from snapjax.models.unet_spec import Block, UNetSpec, letter_names
 
 # Fixed by diffusers (and snapjax.models.unet): Transformer2D's GroupNorm eps, LayerNorm eps, GEGLU.
 _TRANSFORMER_NORM_EPS = 1e-6
@@ -101,8 +101,24 @@ class Transformer2D(nn.Module):
         return x_BCHW + self._proj(self.proj_out, h)
 
 
+def block_module(spec: UNetSpec, block: Block) -> nn.Module:
+    """The mirror module of one of ``spec.blocks()``: a ResNet (shortcut only if removed) or a
+    transformer, as the UNet holds it (also what the per-block latency packages time)."""
+    if block.kind == "res":
+        return ResnetBlock(block.in_channels, block.out_channels, groups=spec.norm_groups,
+                           eps=spec.norm_eps, temb_channels=spec.time_dim,
+                           residual=not block.removed)
+    s = block.stage
+    return Transformer2D(spec.block_channels[s], spec.num_heads[s], spec.transformer_layers[s],
+                         spec.norm_groups, spec.context_dim, spec.use_linear_projection)
+
+
 class UNetMirror(nn.Module):
-    """``forward(sample_BCHW, timesteps_B, context_BSD) -> output_BCHW``, as snapjax's UNet."""
+    """``forward(sample_BCHW, timesteps_B, context_BSD) -> output_BCHW``, as snapjax's UNet.
+
+    The blocks are ``spec.blocks()`` and the forward walks ``spec.units()`` with
+    ``letter_names``, as the Flax UNet does, so every spec of the grammar mirrors with its names.
+    """
 
     def __init__(self, spec: UNetSpec, attention: str = "original"):
         super().__init__()
@@ -112,45 +128,17 @@ class UNetMirror(nn.Module):
         self.spec = spec
         self.attention = attention
         self.sinusoid_table: torch.Tensor | None = None
-        ch, g, eps, T = spec.block_channels, spec.norm_groups, spec.norm_eps, spec.time_dim
+        ch, n = spec.block_channels, spec.num_stages
         self.conv_in = nn.Conv2d(spec.in_channels, ch[0], 3, padding=1)
-        self.time_embedding = TimestepEmbedding(ch[0], T)
-
-        def add_unit(prefix: str, unit: str, s: int, in_ch: int) -> None:
-            self.add_module(f"{prefix}_res", ResnetBlock(in_ch, ch[s], groups=g, eps=eps,
-                                                         temb_channels=T, residual=unit[0] == "R"))
-            if unit.endswith("A"):
-                self.add_module(f"{prefix}_attn", self._transformer(s))
-
-        skips = [ch[0]]
-        x_ch = ch[0]
-        for s in range(spec.num_stages):
-            for u, unit in enumerate(spec.down[s]):
-                add_unit(f"down_{s}_{u}", unit, s, x_ch)
-                x_ch = ch[s]
-                skips.append(x_ch)
-            if s < spec.num_stages - 1:
-                self.add_module(f"down_{s}_downsample", Downsample(ch[s]))
-                skips.append(x_ch)
-        if spec.mid:
-            self.mid_res_0 = ResnetBlock(x_ch, ch[-1], groups=g, eps=eps, temb_channels=T)
-            if spec.mid == "RAR":
-                self.mid_attn = self._transformer(spec.num_stages - 1)
-            self.mid_res_1 = ResnetBlock(ch[-1], ch[-1], groups=g, eps=eps, temb_channels=T)
-            x_ch = ch[-1]
-        for s in reversed(range(spec.num_stages)):
-            for u, unit in enumerate(spec.up[s]):
-                add_unit(f"up_{s}_{u}", unit, s, x_ch + skips.pop())
-                x_ch = ch[s]
-            if s > 0:
-                self.add_module(f"up_{s}_upsample", Upsample(ch[s]))
-        self.conv_norm_out = nn.GroupNorm(g, x_ch, eps=eps)
-        self.conv_out = nn.Conv2d(x_ch, spec.out_channels, 3, padding=1)
-
-    def _transformer(self, s: int) -> Transformer2D:
-        spec = self.spec
-        return Transformer2D(spec.block_channels[s], spec.num_heads[s], spec.transformer_layers[s],
-                             spec.norm_groups, spec.context_dim, spec.use_linear_projection)
+        self.time_embedding = TimestepEmbedding(ch[0], spec.time_dim)
+        for block in spec.blocks():
+            self.add_module(block.name, block_module(spec, block))
+        for s in range(n - 1):
+            self.add_module(f"down_{s}_downsample", Downsample(ch[s]))
+        for s in range(1, n):
+            self.add_module(f"up_{s}_upsample", Upsample(ch[s]))
+        self.conv_norm_out = nn.GroupNorm(spec.norm_groups, ch[0], eps=spec.norm_eps)
+        self.conv_out = nn.Conv2d(ch[0], spec.out_channels, 3, padding=1)
 
     def use_sinusoid_table(self, num_train_timesteps: int) -> None:
         """Look the sinusoidal features of integer timesteps up in a table computed in float64.
@@ -185,29 +173,20 @@ class UNetMirror(nn.Module):
         t_B = timesteps_B.reshape(-1).expand(B)
         temb_BT = self.time_embedding(self._time_features(t_B))
 
-        def unit_forward(prefix: str, unit: str, x: torch.Tensor) -> torch.Tensor:
-            x = getattr(self, f"{prefix}_res")(x, temb_BT)
-            if unit.endswith("A"):
-                x = getattr(self, f"{prefix}_attn")(x, context_BSD, self.attention)
-            return x
-
         x = self.conv_in(sample_BCHW)
         skips = [x]
-        for s in range(spec.num_stages):
-            for u, unit in enumerate(spec.down[s]):
-                x = unit_forward(f"down_{s}_{u}", unit, x)
+        for path, s, u, unit in spec.units():
+            if path == "up":
+                x = torch.cat([x, skips.pop()], dim=1)
+            for name, kind in letter_names(path, s, u, unit):
+                block = getattr(self, name)
+                x = block(x, temb_BT) if kind == "res" else block(x, context_BSD, self.attention)
+            last_unit = path != "mid" and u == len(getattr(spec, path)[s]) - 1
+            if path == "down":
                 skips.append(x)
-            if s < spec.num_stages - 1:
-                x = getattr(self, f"down_{s}_downsample")(x)
-                skips.append(x)
-        if spec.mid:
-            x = self.mid_res_0(x, temb_BT)
-            if spec.mid == "RAR":
-                x = self.mid_attn(x, context_BSD, self.attention)
-            x = self.mid_res_1(x, temb_BT)
-        for s in reversed(range(spec.num_stages)):
-            for u, unit in enumerate(spec.up[s]):
-                x = unit_forward(f"up_{s}_{u}", unit, torch.cat([x, skips.pop()], dim=1))
-            if s > 0:
+                if last_unit and s < spec.num_stages - 1:
+                    x = getattr(self, f"down_{s}_downsample")(x)
+                    skips.append(x)
+            elif path == "up" and last_unit and s > 0:
                 x = getattr(self, f"up_{s}_upsample")(x)
         return self.conv_out(F.silu(self.conv_norm_out(x)))

@@ -15,13 +15,14 @@ from export.parity import example_inputs, mirror_forward, snapjax_forward
 from export.torch.mirror import load_mirror, mirror_from_params, save_mirror
 from snapjax.models import text_encoder as te
 from tests.conftest import max_rel_err
-from tests.export.tiny_models import (UNET_REMOVED, UNET_SD, VAE_FULL, VAE_HALF,
-                                      random_params)
+from tests.export.tiny_models import (UNET_GRAMMAR, UNET_MID_R, UNET_REMOVED, UNET_SD, VAE_FULL,
+                                      VAE_HALF, random_params)
 
 TOL = 1e-4
 
 
-@pytest.mark.parametrize("spec", [UNET_SD, UNET_REMOVED], ids=["sd15_shape", "removed_R_and_A"])
+@pytest.mark.parametrize("spec", [UNET_SD, UNET_REMOVED, UNET_GRAMMAR, UNET_MID_R],
+                         ids=["sd15_shape", "removed_R_and_A", "RAA_rRA_mid_rAAR", "mid_R"])
 def test_unet(spec):
     params = random_params("unet", spec)
     inputs = example_inputs("unet", spec, latent_size=8, context_length=7)
@@ -40,6 +41,23 @@ def test_removed_blocks_have_no_parameters():
     assert {k for k, _ in mirror.up_1_0_res.named_parameters()} == {"conv_shortcut.weight",
                                                                     "conv_shortcut.bias"}
     assert "mid_attn" not in names and "up_0_0_attn" in names and "up_0_0_res" in names
+
+
+@pytest.mark.parametrize("spec", [UNET_GRAMMAR, UNET_MID_R], ids=["RAA_rRA_mid_rAAR", "mid_R"])
+def test_unet_mirror_has_the_flax_modules(spec):
+    """Same modules with parameters, under the same names, as the Flax tree; no extra block."""
+    from flax import traverse_util
+
+    from snapjax.models.unet import abstract_unet_params, count_params
+
+    abstract = abstract_unet_params(spec)
+    mirror = mirror_from_params("unet", spec, random_params("unet", spec))
+    modules = {n.rsplit(".", 1)[0] for n, _ in mirror.named_parameters()}
+    assert modules == {".".join(path[:-1]) for path in traverse_util.flatten_dict(abstract)}
+    assert sum(p.numel() for p in mirror.parameters()) == count_params(abstract)
+    if spec is UNET_MID_R:
+        assert "mid_res_0" in {m.split(".")[0] for m in modules}
+        assert not hasattr(mirror, "mid_res_1") and not hasattr(mirror, "mid_attn")
 
 
 @pytest.mark.parametrize("spec", [VAE_FULL, VAE_HALF], ids=["full_width", "half_width"])

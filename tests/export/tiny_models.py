@@ -28,6 +28,12 @@ UNET_SD = unet_spec.TINY
 # a mid block without attention. Not expressible as a diffusers UNet2DConditionModel.
 UNET_REMOVED = dataclasses.replace(
     unet_spec.TINY, down=(("RA", "r"), ("R",)), up=(("rA", "R", "RA"), ("r", "R")), mid="RR")
+# The general grammar: a second transformer after the first ('RAA', 'rAA'), a ResNet after a
+# removed head ('rRA', 'RR'), a mid unit with two transformers and its head ResNet removed.
+UNET_GRAMMAR = dataclasses.replace(
+    unet_spec.TINY, down=(("RAA",), ("rRA",)), up=(("RA", "rAA"), ("R", "RR")), mid="rAAR")
+# diffusers' UNetMidBlock2D: a single mid ResNet.
+UNET_MID_R = dataclasses.replace(unet_spec.TINY, mid="R")
 VAE_FULL = vae.TINY
 VAE_HALF = vae.pruned(vae.TINY)
 
