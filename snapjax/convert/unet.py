@@ -26,6 +26,7 @@ CLASS_NAME = "UNet2DConditionModel"
 _DOWN_TYPES = {"CrossAttnDownBlock2D": "RA", "DownBlock2D": "R"}
 _UP_TYPES = {"CrossAttnUpBlock2D": "RA", "UpBlock2D": "R"}
 _MID_TYPES = {"UNetMidBlock2DCrossAttn": "RAR", "UNetMidBlock2D": "R", None: ""}
+_LAYER_UNITS = ("R", "RA")  # what one layer of a diffusers down or up block is
 
 # diffusers' defaults (UNet2DConditionModel.__init__) for the keys the spec is built from.
 _DEFAULTS: dict[str, Any] = {
@@ -165,19 +166,33 @@ def spec_from_diffusers_config(config: Mapping[str, Any]) -> UNetSpec:
 
 
 def spec_fits_diffusers(spec: UNetSpec) -> str | None:
-    """None if ``UNet2DConditionModel`` can express ``spec``, else the reason it cannot."""
+    """None if ``UNet2DConditionModel`` can express ``spec``, else the reason it cannot.
+
+    diffusers' layer is one full ResNet, optionally followed by one transformer, the same in
+    every layer of a block; its mid blocks are ``RAR``, ``R`` or none.
+    """
     for path, units in (("down", spec.down), ("up", spec.up)):
         for s, stage in enumerate(units):
             if not stage:
                 return f"{path}[{s}] has no units; diffusers blocks have at least one layer"
-            if any(u[0] == "r" for u in stage):
+            if any("r" in u for u in stage):
                 return (f"{path}[{s}]={stage}: a removed ResNet ('r') has no diffusers "
                         "equivalent (every diffusers layer has a full ResNet)")
+            odd = [u for u in stage if u not in _LAYER_UNITS]
+            if odd:
+                return (f"{path}[{s}]={stage}: unit {odd[0]!r} has no diffusers equivalent (a "
+                        "diffusers layer is one ResNet, optionally followed by one transformer: "
+                        f"{' or '.join(map(repr, _LAYER_UNITS))})")
             if len(set(stage)) > 1:
                 return (f"{path}[{s}]={stage}: a diffusers block has attention after every "
                         "ResNet or after none")
-    if spec.mid == "RR":
-        return "mid='RR': diffusers has no mid block of two ResNets without attention"
+    if spec.mid not in _MID_TYPES.values():
+        if "r" in spec.mid:
+            return (f"mid={spec.mid!r}: a removed ResNet ('r') has no diffusers equivalent "
+                    "(every diffusers layer has a full ResNet)")
+        return (f"mid={spec.mid!r}: diffusers' mid blocks are "
+                + ", ".join(f"{unit!r} ({name})" for name, unit in _MID_TYPES.items() if name)
+                + " or none ('')")
     return None
 
 
@@ -211,6 +226,7 @@ def diffusers_config_from_spec(spec: UNetSpec) -> dict[str, Any]:
     }
 
 
+# Flax block -> diffusers prefix, for the blocks diffusers has a slot for (the k = 0 names).
 _BLOCK_PATTERNS = [
     (re.compile(r"down_(\d+)_(\d+)_res"), lambda s, u, n: f"down_blocks.{s}.resnets.{u}"),
     (re.compile(r"down_(\d+)_(\d+)_attn"), lambda s, u, n: f"down_blocks.{s}.attentions.{u}"),
@@ -221,18 +237,32 @@ _BLOCK_PATTERNS = [
 ]
 _TOP_LEVEL = {"mid_res_0": "mid_block.resnets.0", "mid_attn": "mid_block.attentions.0",
               "mid_res_1": "mid_block.resnets.1"}
+_SAME_NAME = frozenset({"conv_in", "time_embedding", "conv_norm_out", "conv_out"})
+# Blocks diffusers has no slot for: a unit's second and later ResNets and transformers
+# (down_0_0_attn_1), the mid block's beyond RAR (mid_attn_1, mid_res_2). Only specs that do not
+# fit diffusers have them (spec_fits_diffusers says why); they keep their Flax name as prefix.
+_NO_DIFFUSERS_SLOT = re.compile(
+    r"(down|up)_\d+_\d+_(res|attn)_\d+|mid_attn_\d+|mid_res_([2-9]|\d\d+)")
 _INNER = {"to_out": "to_out.0", "ff_proj": "ff.net.0.proj", "ff_out": "ff.net.2"}
+
+
+def _top_prefix(top: str, num_stages: int) -> str:
+    if top in _SAME_NAME or _NO_DIFFUSERS_SLOT.fullmatch(top):
+        return top
+    if top in _TOP_LEVEL:
+        return _TOP_LEVEL[top]
+    for pattern, fmt in _BLOCK_PATTERNS:
+        m = pattern.fullmatch(top)
+        if m:
+            return fmt(*map(int, m.groups()), num_stages)
+    raise ValueError(f"UNet module {top!r} has no diffusers name and is not a block name of "
+                     "the spec grammar (snapjax.models.unet_spec); the weight-name map needs a "
+                     "rule for it")
 
 
 def _torch_prefix(flax_module: tuple[str, ...], num_stages: int) -> str:
     top, inner = flax_module[0], flax_module[1:]
-    prefix = _TOP_LEVEL.get(top)
-    for pattern, fmt in _BLOCK_PATTERNS:
-        m = pattern.fullmatch(top)
-        if m:
-            prefix = fmt(*map(int, m.groups()), num_stages)
-    prefix = prefix or top  # conv_in, time_embedding, conv_norm_out, conv_out keep their names
-    parts = [prefix]
+    parts = [_top_prefix(top, num_stages)]
     for name in inner:
         m = re.fullmatch(r"block_(\d+)", name)
         parts.append(f"transformer_blocks.{m.group(1)}" if m else _INNER.get(name, name))
@@ -240,7 +270,12 @@ def _torch_prefix(flax_module: tuple[str, ...], num_stages: int) -> str:
 
 
 def unet_module_map(spec: UNetSpec) -> dict[str, str]:
-    """Flax module path -> diffusers module prefix, for exactly the modules ``spec`` has."""
+    """Flax module path -> diffusers module prefix, for exactly the modules ``spec`` has.
+
+    For a spec that fits diffusers these are diffusers' names. Otherwise blocks diffusers has no
+    slot for keep their Flax block name (``down_0_0_attn_1.transformer_blocks.0.attn1.to_q``):
+    the file is a mirror file, not a diffusers checkpoint.
+    """
     flat = traverse_util.flatten_dict(abstract_unet_params(spec))
     modules = sorted({path[:-1] for path in flat})
     return {"/".join(m): _torch_prefix(m, spec.num_stages) for m in modules}

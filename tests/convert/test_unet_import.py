@@ -21,8 +21,9 @@ from safetensors.numpy import load_file, save_file  # noqa: E402
 
 from snapjax.convert import load_unet  # noqa: E402
 from snapjax.convert.state_dict import WeightsError  # noqa: E402
-from snapjax.convert.unet import (diffusers_config_from_spec, spec_fits_diffusers,  # noqa: E402
-                                  spec_from_diffusers_config, unet_module_map)
+from snapjax.convert.unet import (_torch_prefix, diffusers_config_from_spec,  # noqa: E402
+                                  spec_fits_diffusers, spec_from_diffusers_config,
+                                  unet_module_map)
 from snapjax.models.unet import count_params  # noqa: E402
 from snapjax.models.unet_spec import SD15, TINY  # noqa: E402
 
@@ -155,6 +156,41 @@ def test_spec_fits_diffusers_names_the_reason():
     assert "mid='RR'" in spec_fits_diffusers(dataclasses.replace(TINY, mid="RR"))
     with pytest.raises(ValueError, match="up\\[0\\]"):
         diffusers_config_from_spec(mixed)
+
+
+@pytest.mark.parametrize("change, where", [
+    (dict(down=(("RAA",), ("R",)), up=(("RAA", "RAA"), ("R", "R"))), "'RAA'"),  # uniform, still no
+    (dict(up=(("RA", "RA"), ("RR", "RR"))), "'RR'"),
+    (dict(mid="rAR"), "mid='rAR'"),
+    (dict(mid="RA"), "mid='RA'"),
+    (dict(mid="RAAR"), "mid='RAAR'"),
+])
+def test_spec_fits_diffusers_refuses_the_general_grammar(change, where):
+    spec = dataclasses.replace(TINY, **change)
+    reason = spec_fits_diffusers(spec)
+    assert reason is not None and where in reason
+    with pytest.raises(ValueError, match="does not fit diffusers"):
+        diffusers_config_from_spec(spec)
+    assert spec_fits_diffusers(dataclasses.replace(TINY, mid="R")) is None
+
+
+def test_module_map_keeps_flax_names_where_diffusers_has_no_slot():
+    """A unit's second transformer or ResNet and the mid block's extras are not given the name
+    of some other diffusers module: they keep their Flax block name, and no two modules share a
+    name."""
+    spec = dataclasses.replace(TINY, down=(("RAA",), ("rRA",)), up=(("RA", "rAA"), ("R", "RR")),
+                               mid="RAAR")
+    m = unet_module_map(spec)
+    assert len(set(m.values())) == len(m)
+    assert m["down_0_0_attn/proj_in"] == "down_blocks.0.attentions.0.proj_in"
+    assert m["down_0_0_attn_1/block_0/attn1/to_out"] == \
+        "down_0_0_attn_1.transformer_blocks.0.attn1.to_out.0"
+    assert m["down_1_0_res_1/conv1"] == "down_1_0_res_1.conv1"
+    assert m["up_1_1_res_1/conv2"] == "up_1_1_res_1.conv2"
+    assert m["mid_attn_1/proj_out"] == "mid_attn_1.proj_out"
+    assert m["mid_res_1/conv1"] == "mid_block.resnets.1.conv1"
+    with pytest.raises(ValueError, match="'down_0_0_conv'"):
+        _torch_prefix(("down_0_0_conv", "conv"), 2)
 
 
 def test_module_map_names():
