@@ -13,7 +13,10 @@ from export.checkpoint import load_source
 from export.torch.export import export_torch
 from export.torch.mirror import load_mirror
 from snapjax.pipeline import TextToImage
-from tests.export.tiny_models import psnr_uint8
+from export.parity import example_inputs, mirror_forward, snapjax_forward
+from tests.conftest import max_rel_err
+from tests.export.tiny_models import (STUDENT_SCHEDULE, UNET_GRAMMAR, psnr_uint8,
+                                      random_params, write_pipeline)
 
 PROMPTS = ["a red circle on the left"]
 
@@ -89,3 +92,20 @@ def test_spec_that_does_not_fit_gets_mirrors_only(removed_pipeline, tmp_path):
     for name in ("unet", "vae_decoder", "text_encoder"):
         assert (tmp_path / "out" / name / "model.safetensors").is_file()
     assert all(r["parity"] < 1e-4 for r in report["components"])
+
+
+def test_general_grammar_unet_gets_mirrors_only(tmp_path):
+    """A UNet with 'RAA' units and mid 'rAAR' (full VAE): the mirrors are written and match
+    snapjax; the diffusers folder is not, and the report says it is the UNet's units."""
+    pipe = write_pipeline(tmp_path / "pipe", unet=UNET_GRAMMAR, schedule=STUDENT_SCHEDULE)
+    out = tmp_path / "out"
+    report = export_torch(load_source(pipe), out, log=lambda _: None)
+    assert report["diffusers"] is None and not (out / "diffusers").exists()
+    assert len(report["diffusers_misfits"]) == 1
+    assert report["diffusers_misfits"][0].startswith("UNet: ")
+    assert "'RAA'" in report["diffusers_misfits"][0]
+    mirror = load_mirror(out / "unet")
+    assert mirror.spec == UNET_GRAMMAR
+    inputs = example_inputs("unet", UNET_GRAMMAR, latent_size=8, context_length=5)
+    ref = snapjax_forward("unet", UNET_GRAMMAR, random_params("unet", UNET_GRAMMAR), inputs)
+    assert max_rel_err(mirror_forward(mirror, "unet", inputs), ref) < 1e-4
