@@ -75,8 +75,17 @@ def summarize(components: dict[str, tuple[str, Any]], resolution: int = 512
     return rows
 
 
+PRESETS = ("sd15", "snapfusion", "tiny")
+
+
 def preset_components(name: str) -> dict[str, tuple[str, Any]]:
+    """A built-in model's specs. ``snapfusion``: the paper's efficient UNet (Table 3) and the
+    50%-channel decoder, with SD-v1.5's encoder and text encoder."""
     from snapjax.models import text_encoder, unet_spec, vae
+    if name == "snapfusion":
+        return {"unet": ("unet", unet_spec.preset(name)),
+                "vae": ("vae", vae.pruned(vae.preset("sd15"), 0.5)),
+                "text_encoder": ("text_encoder", text_encoder.preset("sd15"))}
     return {"unet": ("unet", unet_spec.preset(name)), "vae": ("vae", vae.preset(name)),
             "text_encoder": ("text_encoder", text_encoder.preset(name))}
 
@@ -114,7 +123,7 @@ def format_table(rows: list[ComponentSummary], resolution: int) -> str:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     src = parser.add_mutually_exclusive_group(required=True)
     src.add_argument("--model", help="pipeline folder or one model folder (snapjax or diffusers)")
-    src.add_argument("--preset", choices=["sd15", "tiny"], help="a built-in spec, no weights")
+    src.add_argument("--preset", choices=PRESETS, help="a built-in spec, no weights")
     parser.add_argument("--resolution", type=int, default=512, help="image side in pixels")
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
 

@@ -222,16 +222,17 @@ class UNetSpec:
 SD15 = UNetSpec()
 
 # SnapFusion's efficient UNet (paper, Table 3) on SD-v1.5's widths. Table 3 gives only block
-# counts per stage; where it keeps fewer blocks than SD's skip structure has units, the unit
-# stays and loses its ResNet ('r'), and the blocks kept come first in their stage:
+# counts per stage. Where it keeps fewer ResNets than SD's skip structure has units, the unit
+# stays and loses its ResNet ('r'), and the one removed is the costliest of its stage (the
+# up units' heads take the concatenated skip), as evolution's dQuality / dLatency would pick at
+# equal quality drop:
 #   down 64 (320):  2 RB, 0 CA      down 32 (640): 2 RB, 2 CA     down 16 (1280): 1 RB, 2 CA
-#   8x8 (1280):     4 RB of SD's 7 (down-4's two removed, and the last of up-4's three), 1 CA
+#   8x8 (1280):     4 RB of SD's 7 (the three up-4 ResNets removed), 1 CA (mid)
 #   up 16 (1280):   2 RB, 6 CA (two per unit)   up 32 (640): 3 RB, 3 CA   up 64 (320): 3 RB, 0 CA
-# docs/unet_spec.md gives its params and GFLOPs next to SD-v1.5's (and why Table 1's 848 M
-# cannot be matched by any arrangement of Table 3's blocks).
+# docs/unet_spec.md gives its params and GFLOPs next to SD-v1.5's and the other arrangements.
 SNAPFUSION = UNetSpec(
-    down=(("R", "R"), ("RA", "RA"), ("RA", "rA"), ("r", "r")),
-    up=(("R", "R", "R"), ("RA", "RA", "RA"), ("RAA", "RAA", "rAA"), ("R", "R", "r")),
+    down=(("R", "R"), ("RA", "RA"), ("RA", "rA"), ("R", "R")),
+    up=(("R", "R", "R"), ("RA", "RA", "RA"), ("rAA", "RAA", "RAA"), ("r", "r", "r")),
     mid="RAR")
 
 # A few-MB UNet with SD-v1.5's structure, for tests and the CPU-sized world configs.
