@@ -5,12 +5,14 @@ Legend: B batch, L tokens, D context width, H/W image side, h/w latent side, C l
 A pipeline folder is either a diffusers Stable Diffusion folder (``model_index.json`` with
 ``unet/``, ``vae/``, ``text_encoder/``, ``tokenizer/``, ``scheduler/``) or snapjax's own
 (``snapjax_pipeline.json`` beside the same subfolders holding snapjax model folders).
+
+:class:`TextToImage` samples through :mod:`snapjax.sampling`, the path training previews take
+too: the same prompt and seed give the same image in both.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
 import os
 from collections.abc import Sequence
@@ -20,8 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from snapjax import pretrained
-from snapjax.diffusion import ddim
+from snapjax import pretrained, sampling
 from snapjax.diffusion.schedule import NoiseSchedule
 from snapjax.models.tokenizer import Tokenizer
 
@@ -86,19 +87,6 @@ def read_pipeline_file(folder: str | os.PathLike) -> PipelineFile:
     return PipelineFile(schedule=schedule, sample_size=positive("sample_size", int),
                         num_steps=positive("num_steps", int),
                         guidance_scale=None if guidance is None else float(guidance))
-
-
-@functools.partial(jax.jit, static_argnums=0)
-def _encode_text(text_encoder, params, input_ids_BL):
-    return text_encoder.apply({"params": params}, input_ids_BL).astype(jnp.float32)
-
-
-@functools.partial(jax.jit, static_argnums=0)
-def _decode_images(vae, params, latents_BhwC):
-    x_BHWC = vae.apply({"params": params}, latents_BhwC / vae.spec.scaling_factor, method="decode")
-    # diffusers: (x / 2 + 0.5).clamp(0, 1), then * 255, round, uint8.
-    x_BHWC = jnp.clip(x_BHWC.astype(jnp.float32) / 2 + 0.5, 0.0, 1.0)
-    return jnp.round(x_BHWC * 255).astype(jnp.uint8)
 
 
 def _check_pipeline_folder(path: Path) -> None:
@@ -179,8 +167,8 @@ class TextToImage:
 
     def encode_prompts(self, prompts: Sequence[str]) -> jax.Array:
         """Context ``B L D`` for the prompts (the text encoder's last hidden state)."""
-        ids = jnp.asarray(self.tokenizer(list(prompts)))
-        return _encode_text(self.text_encoder, self.text_encoder_params, ids)
+        ids = np.asarray(self.tokenizer(list(prompts)), np.int32)
+        return sampling.encode_text(self.text_encoder, self.text_encoder_params, ids)
 
     def __call__(self, prompts: str | Sequence[str], *, num_steps: int | None = None,
                  guidance_scale: float | None = None, seed: int = 0,
@@ -200,21 +188,22 @@ class TextToImage:
         if not prompts:
             raise ValueError("no prompts given")
         batch = len(prompts)
-        latents = self._initial_latents(batch, seed, latents, height, width, first_index)
-        ctx_cond = self.encode_prompts(prompts)
-        ctx_uncond = None
+        noise = self._initial_latents(batch, seed, latents, height, width, first_index)
+        ids = np.asarray(self.tokenizer(prompts), np.int32)
+        uncond_ids = None
         if guidance_scale != 1:
             negative = negative_prompt if negative_prompt is not None else ""
             negative = [negative] * batch if isinstance(negative, str) else list(negative)
             if len(negative) != batch:
                 raise ValueError(f"{len(negative)} negative prompts for {batch} prompts")
-            ctx_uncond = self.encode_prompts(negative)
-        denoise = functools.partial(self.unet.apply, {"params": self.unet_params})
-        final = ddim.sample(denoise, latents, ctx_cond, ctx_uncond, schedule=self.schedule,
-                            num_steps=num_steps, guidance_scale=guidance_scale)
+            uncond_ids = np.asarray(self.tokenizer(negative), np.int32)
+        args = (self.unet, self.unet_params, self.text_encoder, self.text_encoder_params)
+        options = dict(schedule=self.schedule, num_steps=num_steps,
+                       guidance_scale=guidance_scale)
         if return_latents:
-            return np.asarray(final)
-        return np.asarray(_decode_images(self.vae, self.vae_params, final))
+            return np.asarray(sampling.sample_latents(*args, ids, uncond_ids, noise, **options))
+        return sampling.generate(*args, self.vae, self.vae_params, ids, uncond_ids, noise,
+                                 **options)
 
     def _initial_latents(self, batch, seed, latents, height, width, first_index) -> jax.Array:
         channels = self.unet.spec.in_channels
@@ -224,11 +213,8 @@ class TextToImage:
                 raise ValueError(f"latents must be ({batch}, h, w, {channels}) (NHWC, one per "
                                  f"prompt), got {tuple(latents.shape)}")
             return latents
-        h = self._latent_side("height", height)
-        w = self._latent_side("width", width)
-        keys = jax.vmap(functools.partial(jax.random.fold_in, jax.random.key(seed)))(
-            jnp.arange(first_index, first_index + batch))
-        return jax.vmap(lambda k: jax.random.normal(k, (h, w, channels), jnp.float32))(keys)
+        hw = (self._latent_side("height", height), self._latent_side("width", width))
+        return sampling.initial_noise(seed, batch, hw, channels, first_index)
 
     def _latent_side(self, name: str, pixels: int | None) -> int:
         if pixels is None:
