@@ -1,13 +1,16 @@
 """export a checkpoint to PyTorch mirrors, a diffusers folder or Core ML packages
 
-``snapjax export torch|coreml`` plugs into the snapjax CLI through the ``snapjax.commands``
-entry point (snapjax never imports this package).
+``snapjax export torch|coreml|latency-blocks`` plugs into the snapjax CLI through the
+``snapjax.commands`` entry point (snapjax never imports this package).
 
   snapjax export torch  --checkpoint C --out DIR [--overwrite] [--no-diffusers]
   snapjax export coreml --checkpoint C --out DIR [--quantize-bits 6] [--attention split_einsum]
                         [--chunk] [--unet-batch 1] [--latent-size N] [--steps N] [--guidance W]
+  snapjax export latency-blocks --spec PRESET_OR_MODEL --resolution 512 --out DIR
 
-``C`` is a pipeline folder (snapjax or diffusers) or a single model folder.
+``C`` is a pipeline folder (snapjax or diffusers) or a single model folder. ``latency-blocks``
+writes one Core ML package per distinct UNet block signature plus the fixed part, for a latency
+table timed on a Mac (export/coreml/time_blocks_macos.py).
 """
 
 from __future__ import annotations
@@ -49,6 +52,21 @@ def register(subparsers) -> None:
     c.add_argument("--guidance", type=float, default=None,
                    help="guidance scale for the manifest; default: the pipeline's, else 7.5")
     c.set_defaults(_run=run_coreml)
+
+    b = targets.add_parser("latency-blocks",
+                           help="per-block Core ML packages for a latency table")
+    b.add_argument("--spec", required=True,
+                   help="UNet preset (sd15, snapfusion, tiny), UNet model folder or pipeline folder")
+    b.add_argument("--resolution", type=int, default=512,
+                   help="image side in pixels; the latent side is this over the VAE factor "
+                        "(the pipeline's, else 8) (default 512)")
+    b.add_argument("--out", required=True, help="output folder (must not exist)")
+    b.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    b.add_argument("--attention", choices=("original", "split_einsum"), default="split_einsum",
+                   help="attention layout (default split_einsum, for the Neural Engine)")
+    b.add_argument("--context-length", type=int, default=None,
+                   help="text tokens the transformers attend to (default 77, CLIP's)")
+    b.set_defaults(_run=run_latency_blocks)
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -128,3 +146,23 @@ def run_coreml(args) -> int:
     manifest = export_coreml(source, args.out, opts, overwrite=args.overwrite, log=_log)
     notes = manifest["swift_pipeline"]["notes"]
     return _finish(manifest["components"], args.out, "Swift pipeline: " + " ".join(notes))
+
+
+@_guard
+def run_latency_blocks(args) -> int:
+    from pathlib import Path
+
+    from export.coreml.latency_blocks import (export_latency_blocks, latent_side_for,
+                                              resolve_spec)
+
+    if Path(args.out).exists() and not args.overwrite:
+        raise FileExistsError(f"{args.out} exists; pass --overwrite to replace it")
+    spec, vae_factor = resolve_spec(args.spec)
+    side = latent_side_for(spec, args.resolution, vae_factor)
+    extra = {"context_length": args.context_length} if args.context_length else {}
+    meta = export_latency_blocks(spec, side, args.out, attention=args.attention,
+                                 overwrite=args.overwrite, log=_log, **extra)
+    print(f"{len(meta['blocks'])} block signatures and the fixed part at latent {side}x{side}: "
+          f"{args.out}\ntime them on a Mac: python -m export.coreml.time_blocks_macos "
+          f"--blocks {args.out} --out latency.json")
+    return 0

@@ -78,15 +78,8 @@ def example_tensors(inputs: list[TensorIO], kind: str, spec: Any) -> tuple[torch
 def to_coreml(kind: str, wrapper: torch.nn.Module, spec: Any, inputs: list[TensorIO], *,
               precision: str = "float16", metadata: dict | None = None):
     """Trace ``wrapper`` and convert it; returns an unloaded ``ct.models.MLModel`` (Linux-safe)."""
-    import coremltools as ct
-
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision={precision!r}: expected one of {PRECISIONS}")
-    examples = example_tensors(inputs, kind, spec)
-    with torch.no_grad():
-        traced = torch.jit.trace(wrapper, examples, check_trace=False)
-    with _quiet("coremltools"):
-        model = _convert(ct, traced, inputs, kind, precision)
+    model = convert_module(wrapper, inputs, OUTPUT_NAMES[kind],
+                           example_tensors(inputs, kind, spec), precision=precision)
     model.author = "snapjax export"
     model.short_description = (f"snapjax {PACKAGE_NAMES[kind]} (Apple ml-stable-diffusion I/O "
                                "conventions)")
@@ -98,18 +91,28 @@ def to_coreml(kind: str, wrapper: torch.nn.Module, spec: Any, inputs: list[Tenso
     return model
 
 
-def _convert(ct, traced, inputs: list[TensorIO], kind: str, precision: str):
-    return ct.convert(
-        traced,
-        convert_to="mlprogram",
-        minimum_deployment_target=ct.target.iOS16,
-        inputs=[ct.TensorType(name=io.name, shape=io.shape, dtype=io.dtype) for io in inputs],
-        # float32 outputs, as Apple's current converter writes them (Swift reads Float32 arrays).
-        outputs=[ct.TensorType(name=name, dtype=np.float32) for name in OUTPUT_NAMES[kind]],
-        compute_precision=(ct.precision.FLOAT16 if precision == "float16"
-                           else ct.precision.FLOAT32),
-        skip_model_load=True,
-    )
+def convert_module(module: torch.nn.Module, inputs: list[TensorIO], output_names: tuple[str, ...],
+                   examples: tuple[torch.Tensor, ...], *, precision: str = "float16"):
+    """Trace ``module`` on ``examples`` and convert it to an mlprogram with these input and
+    output names; returns an unloaded ``ct.models.MLModel`` (Linux-safe)."""
+    import coremltools as ct
+
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision={precision!r}: expected one of {PRECISIONS}")
+    with torch.no_grad():
+        traced = torch.jit.trace(module, examples, check_trace=False)
+    with _quiet("coremltools"):
+        return ct.convert(
+            traced,
+            convert_to="mlprogram",
+            minimum_deployment_target=ct.target.iOS16,
+            inputs=[ct.TensorType(name=io.name, shape=io.shape, dtype=io.dtype) for io in inputs],
+            # float32 outputs, as Apple's current converter writes them (Swift reads Float32).
+            outputs=[ct.TensorType(name=name, dtype=np.float32) for name in output_names],
+            compute_precision=(ct.precision.FLOAT16 if precision == "float16"
+                               else ct.precision.FLOAT32),
+            skip_model_load=True,
+        )
 
 
 @contextlib.contextmanager

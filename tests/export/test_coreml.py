@@ -26,7 +26,8 @@ from snapjax.diffusion import parametrization
 from snapjax.diffusion.schedule import alphas_cumprod, ddim_timesteps
 from snapjax.models import text_encoder as te
 from tests.conftest import max_rel_err
-from tests.export.tiny_models import (STUDENT_SCHEDULE, UNET_SD, VAE_FULL, random_params)
+from tests.export.tiny_models import (STUDENT_SCHEDULE, UNET_GRAMMAR, UNET_SD, VAE_FULL,
+                                      random_params)
 
 F16, F32 = "FLOAT16", "FLOAT32"
 
@@ -136,6 +137,28 @@ def test_chunked_batch1_original_attention_6bit_unet(student_pipeline, tmp_path)
     assert set(inputs2) <= set(inputs1) | set(outputs1) and "noise_pred" in outputs2
     row = manifest["components"][0]
     assert row["note"] == "6-bit" and row["size_bytes"] < row["size_before_bytes"]
+
+
+def test_general_grammar_unet_converts_with_apples_io(tmp_path):
+    """RAA / rRA units and mid rAAR: the Unet converts, passes parity and fp16 checks, and keeps
+    Apple's I/O; the package records its spec."""
+    import coremltools as ct
+
+    params = random_params("unet", UNET_GRAMMAR)
+    source = ExportSource(tmp_path, {"unet": Component("unet", UNET_GRAMMAR, params, tmp_path)},
+                          schedule=STUDENT_SCHEDULE)
+    manifest = export_coreml(source, tmp_path / "out", CoreMLOptions(unet_batch=1, latent_size=8),
+                             log=lambda _: None)
+    package = tmp_path / "out/Unet.mlpackage"
+    assert package_io(package) == ({"sample": ((1, 4, 8, 8), F16), "timestep": ((1,), F16),
+                                    "encoder_hidden_states": ((1, 32, 1, 77), F16)},
+                                   {"noise_pred": ((1, 4, 8, 8), F32)})
+    row = manifest["components"][0]
+    assert row["precision"] == "float16" and row["parity"] < 1e-4 and row["fp16_err"] < 0.05
+    mirror = mirror_from_params("unet", UNET_GRAMMAR, params)
+    assert row["params"] == sum(p.numel() for p in mirror.parameters())
+    metadata = ct.models.MLModel(str(package), skip_model_load=True).user_defined_metadata
+    assert json.loads(metadata["snapjax.spec"]) == json.loads(UNET_GRAMMAR.to_json())
 
 
 def test_component_failing_the_fp16_check_is_exported_in_fp32(tmp_path):
