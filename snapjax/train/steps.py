@@ -32,6 +32,7 @@ import optax
 from snapjax.diffusion.parametrization import add_noise, from_x_eps
 from snapjax.diffusion.schedule import NoiseSchedule, alpha_sigma, alphas_cumprod
 from snapjax.models.vae import sample_latent
+from snapjax.train import robust
 from snapjax.train.state import TrainState
 
 # loss_fn(params, frozen, batch, rng) -> (scalar loss, dict of scalar metrics)
@@ -148,8 +149,13 @@ def encoded_inputs(params, frozen, batch: dict, rng: jax.Array, *, vae: nn.Modul
 
 def diffusion_loss(params, frozen, batch: dict, rng: jax.Array, *, unet: nn.Module,
                    inputs: Callable, schedule: NoiseSchedule,
-                   min_snr_gamma: float | None = None) -> tuple[jax.Array, dict]:
-    """Denoising loss of ``params["unet"]`` for the schedule's prediction type (eps or v)."""
+                   min_snr_gamma: float | None = None,
+                   block_mask: robust.MaskFn | None = None) -> tuple[jax.Array, dict]:
+    """Denoising loss of ``params["unet"]`` for the schedule's prediction type (eps or v).
+
+    ``block_mask`` (robust training, :func:`snapjax.train.robust.block_mask_sampler`): draws
+    which UNet blocks run, from :func:`snapjax.train.robust.mask_key` of ``rng``; None runs all.
+    """
     r_in, r_t, r_eps = jax.random.split(rng, 3)
     x, ctx_BLD = inputs(params, frozen, batch, r_in)
     B = x.shape[0]
@@ -160,22 +166,29 @@ def diffusion_loss(params, frozen, batch: dict, rng: jax.Array, *, unet: nn.Modu
     alpha_B, sigma_B = alpha_sigma(abar_B)
     z_t = add_noise(x, eps, alpha_B, sigma_B)
     target = from_x_eps(x, eps, alpha_B, sigma_B, schedule.prediction_type)
-    pred = unet.apply({"params": params["unet"]}, z_t, t_B, ctx_BLD)
+    metrics, unet_kwargs = {}, {}
+    if block_mask is not None:  # bound before jit: a static choice, not a traced branch
+        mask = block_mask(robust.mask_key(rng), B)
+        metrics["robust/keep_fraction"] = jnp.mean(mask)
+        unet_kwargs["block_mask"] = mask
+    pred = unet.apply({"params": params["unet"]}, z_t, t_B, ctx_BLD, **unet_kwargs)
     per_example_B = jnp.mean(jnp.square(pred.astype(jnp.float32) - target), axis=(1, 2, 3))
     weight_B = min_snr_weight(abar_B, min_snr_gamma, schedule.prediction_type)
     loss = jnp.mean(weight_B * per_example_B)
-    return loss, {"mse": jnp.mean(per_example_B)}
+    return loss, {"mse": jnp.mean(per_example_B), **metrics}
 
 
 def unet_diffusion_step(state: TrainState, batch: dict, rng: jax.Array, frozen: Any, *,
                         unet: nn.Module, schedule: NoiseSchedule, inputs: Callable,
                         optimizer: optax.GradientTransformation, ema_decay: float,
                         min_snr_gamma: float | None = None,
+                        block_mask: robust.MaskFn | None = None,
                         microbatches: int = 1) -> tuple[TrainState, dict]:
     """One UNet update. ``inputs`` is :func:`cached_inputs` or :func:`encoded_inputs` with
-    their options (caption dropout, text encoder) bound."""
+    their options (caption dropout, text encoder) bound; ``block_mask`` as in
+    :func:`diffusion_loss` (each microbatch draws its own masks)."""
     loss_fn = functools.partial(diffusion_loss, unet=unet, inputs=inputs, schedule=schedule,
-                    min_snr_gamma=min_snr_gamma)
+                                min_snr_gamma=min_snr_gamma, block_mask=block_mask)
     return train_step(state, batch, rng, frozen, loss_fn=loss_fn, optimizer=optimizer,
                       ema_decay=ema_decay, microbatches=microbatches)
 
