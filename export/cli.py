@@ -56,7 +56,8 @@ def register(subparsers) -> None:
     b = targets.add_parser("latency-blocks",
                            help="per-block Core ML packages for a latency table")
     b.add_argument("--spec", required=True,
-                   help="UNet preset (sd15, snapfusion, tiny), UNet model folder or pipeline folder")
+                   help="UNet preset (sd15, snapfusion, tiny), UNet model folder or pipeline "
+                        "folder")
     b.add_argument("--resolution", type=int, default=512,
                    help="image side in pixels; the latent side is this over the VAE factor "
                         "(the pipeline's, else 8) (default 512)")
@@ -152,13 +153,13 @@ def run_coreml(args) -> int:
 def run_latency_blocks(args) -> int:
     from pathlib import Path
 
-    from export.coreml.latency_blocks import (export_latency_blocks, latent_side_for,
-                                              resolve_spec)
+    from export.coreml.latency_blocks import export_latency_blocks, resolve_spec
+    from snapjax.evolve.latency import latent_side_of
 
     if Path(args.out).exists() and not args.overwrite:
         raise FileExistsError(f"{args.out} exists; pass --overwrite to replace it")
     spec, vae_factor = resolve_spec(args.spec)
-    side = latent_side_for(spec, args.resolution, vae_factor)
+    side = latent_side_of(args.resolution, vae_factor)
     extra = {"context_length": args.context_length} if args.context_length else {}
     meta = export_latency_blocks(spec, side, args.out, attention=args.attention,
                                  overwrite=args.overwrite, log=_log, **extra)

@@ -5,8 +5,10 @@ the UNet's fixed part.
 
 Output folder::
 
-  fixed.mlpackage                      the skeleton: the UNet with every block removed (conv_in,
-                                       the removed ResNets' shortcuts, resamplers, conv_out)
+  fixed.mlpackage                      the skeleton (snapjax.evolve.latency.skeleton: every
+                                       block removed): conv_in, time embedding, the head
+                                       ResNets' 1x1 shortcuts, resamplers, output head;
+                                       inputs (sample, timestep)
   NN_<signature>.mlpackage             one block per distinct signature
                                        (snapjax.evolve.signature): a ResNet with inputs
                                        (x, temb), a transformer with inputs (x, context)
@@ -17,8 +19,8 @@ A signature prices a ResNet's residual branch only (its shortcut stays when the 
 removed, so the skeleton holds it): the timing script (export/coreml/time_blocks_macos.py, on a
 Mac) subtracts the shortcut package from the block's. Removed head ResNets get their residual
 branch's package too, so the table prices re-adding them. Weights are random (PyTorch's default
-init): an uncompressed fp16 model's speed does not depend on them. The skeleton has no ResNet
-that reads the time embedding, so Core ML drops its MLP (two small Linears per UNet call).
+init): an uncompressed fp16 model's speed does not depend on them. The table's reader is
+:mod:`snapjax.evolve.latency` (UNet cost = fixed + the blocks' entries).
 """
 
 from __future__ import annotations
@@ -36,7 +38,8 @@ from torch import nn
 from export.coreml.convert import TensorIO, convert_module
 from export.torch.layers import ATTENTION_IMPLEMENTATIONS
 from export.torch.unet import UNetMirror, block_module
-from snapjax.evolve.signature import CONTEXT_LENGTH, block_signature
+from snapjax.evolve.latency import skeleton
+from snapjax.evolve.signature import CONTEXT_LENGTH, block_side, block_signature
 from snapjax.models.unet_spec import PRESETS, Block, UNetSpec
 from snapjax.pretrained import replace_folder
 
@@ -44,15 +47,6 @@ BLOCKS_FILE = "blocks.json"
 FORMAT = "snapjax-latency-blocks-v1"
 FIXED_FILE = "fixed.mlpackage"
 OUTPUT_NAME = "out"
-
-
-def skeleton_spec(spec: UNetSpec) -> UNetSpec:
-    """``spec`` with every block removed: each unit a removed head ResNet ``r``, nothing after."""
-    def strip(stages):
-        return tuple(("r",) * len(units) for units in stages)
-
-    return dataclasses.replace(spec, down=strip(spec.down), up=strip(spec.up),
-                               mid="r" if spec.mid else "")
 
 
 class _Transformer(nn.Module):
@@ -67,17 +61,20 @@ class _Transformer(nn.Module):
 
 
 class _Skeleton(nn.Module):
-    """sample -> output of the skeleton UNet; its timestep and context reach no block."""
+    """(sample, timestep) -> (output, time embedding) of the skeleton UNet. No block reads the
+    time embedding there, so it is an output: otherwise Core ML would drop its MLP, which the
+    fixed part includes."""
 
     def __init__(self, mirror: UNetMirror):
         super().__init__()
         self.mirror = mirror
 
-    def forward(self, sample_BCHW: torch.Tensor) -> torch.Tensor:
-        spec = self.mirror.spec
-        t_B = torch.zeros(sample_BCHW.shape[0], dtype=sample_BCHW.dtype)
-        ctx_BSD = torch.zeros(sample_BCHW.shape[0], 1, spec.context_dim, dtype=sample_BCHW.dtype)
-        return self.mirror(sample_BCHW, t_B, ctx_BSD)
+    def forward(self, sample_BCHW: torch.Tensor,
+                timestep_B: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        B = sample_BCHW.shape[0]
+        ctx_BSD = torch.zeros(B, 1, self.mirror.spec.context_dim, dtype=sample_BCHW.dtype)
+        return (self.mirror(sample_BCHW, timestep_B, ctx_BSD),
+                self.mirror.embed_time(timestep_B, B))
 
 
 def _slug(signature: str) -> str:
@@ -85,10 +82,10 @@ def _slug(signature: str) -> str:
 
 
 def _save(module: nn.Module, inputs: list[TensorIO], path: Path, precision: str,
-          metadata: dict[str, str]) -> dict:
+          metadata: dict[str, str], outputs: tuple[str, ...] = (OUTPUT_NAME,)) -> dict:
     gen = torch.Generator().manual_seed(0)
     examples = tuple(torch.randn(io.shape, generator=gen) for io in inputs)
-    model = convert_module(module.eval(), inputs, (OUTPUT_NAME,), examples, precision=precision)
+    model = convert_module(module.eval(), inputs, outputs, examples, precision=precision)
     model.author = "snapjax export latency-blocks"
     for key, value in metadata.items():
         model.user_defined_metadata[f"snapjax.{key}"] = value
@@ -98,14 +95,14 @@ def _save(module: nn.Module, inputs: list[TensorIO], path: Path, precision: str,
 
 def _block_packages(spec: UNetSpec, block: Block, side: int, context_length: int,
                     attention: str, dtype: type) -> list[tuple[str, nn.Module, list[TensorIO]]]:
-    """(role, module, inputs) of a block's packages: ("block", ...) and, for a ResNet whose
+    """(role, module, inputs) of a block's packages: ("package", ...) and, for a ResNet whose
     channels change, ("shortcut", ...)."""
     x = TensorIO("x", (1, block.in_channels, side, side), dtype)
     if block.kind == "attn":
         context = TensorIO("context", (1, context_length, spec.context_dim), dtype)
-        return [("block", _Transformer(block_module(spec, block), attention), [x, context])]
+        return [("package", _Transformer(block_module(spec, block), attention), [x, context])]
     full = block_module(spec, dataclasses.replace(block, removed=False))
-    packages = [("block", full, [x, TensorIO("temb", (1, spec.time_dim), dtype)])]
+    packages = [("package", full, [x, TensorIO("temb", (1, spec.time_dim), dtype)])]
     if block.has_shortcut_conv:
         packages.append(("shortcut", block_module(spec, dataclasses.replace(block, removed=True)),
                          [x]))
@@ -130,16 +127,18 @@ def export_latency_blocks(spec: UNetSpec, latent_side: int, out: str | Path, *,
                   "spec": json.loads(spec.to_json())}
 
     def write(tmp: Path) -> None:
-        skeleton = skeleton_spec(spec)
+        fixed_spec = skeleton(spec)
         log(f"fixed: the skeleton UNet at {latent_side}x{latent_side}")
-        sample = TensorIO("sample", (1, spec.in_channels, latent_side, latent_side), dtype)
-        meta["fixed"] = _save(_Skeleton(UNetMirror(skeleton, attention)), [sample],
+        inputs = [TensorIO("sample", (1, spec.in_channels, latent_side, latent_side), dtype),
+                  TensorIO("timestep", (1,), dtype)]
+        meta["fixed"] = _save(_Skeleton(UNetMirror(fixed_spec, attention)), inputs,
                               tmp / FIXED_FILE, precision,
-                              {"role": "fixed", "spec": skeleton.to_json()})
+                              {"role": "fixed", "spec": fixed_spec.to_json()},
+                              outputs=(OUTPUT_NAME, "temb"))
         meta["blocks"] = []
         for i, (signature, blocks) in enumerate(by_signature.items()):
             log(f"[{i + 1}/{len(by_signature)}] {signature}")
-            side = latent_side // 2 ** blocks[0].stage
+            side = block_side(spec, blocks[0], latent_side)
             entry = {"signature": signature, "kind": blocks[0].kind,
                      "names": [b.name for b in blocks],
                      "removed": [b.name for b in blocks if b.removed], "shortcut": None}
@@ -148,7 +147,7 @@ def export_latency_blocks(spec: UNetSpec, latent_side: int, out: str | Path, *,
                 stem = f"{i:02d}_{_slug(signature)}" + ("_shortcut" if role == "shortcut" else "")
                 saved = _save(module, inputs, tmp / f"{stem}.mlpackage", precision,
                               {"role": role, "signature": signature})
-                entry["shortcut" if role == "shortcut" else "package"] = saved
+                entry[role] = saved
             meta["blocks"].append(entry)
         (tmp / BLOCKS_FILE).write_text(json.dumps(meta, indent=1))
 
@@ -176,13 +175,3 @@ def resolve_spec(name_or_folder: str) -> tuple[UNetSpec, int]:
                   else vae.SD15.downsample_factor)
         return read_spec(path / "unet", "unet"), factor
     return read_spec(path, "unet"), vae.SD15.downsample_factor
-
-
-def latent_side_for(spec: UNetSpec, resolution: int, vae_factor: int) -> int:
-    """The latent side of a ``resolution`` image; ValueError unless the UNet can take it."""
-    multiple = vae_factor * 2 ** (spec.num_stages - 1)
-    if resolution <= 0 or resolution % multiple:
-        raise ValueError(f"resolution {resolution} is not a positive multiple of {multiple} "
-                         f"(VAE factor {vae_factor} x the UNet's {spec.num_stages - 1} "
-                         "downsamplings)")
-    return resolution // vae_factor

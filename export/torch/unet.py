@@ -164,15 +164,17 @@ class UNetMirror(nn.Module):
         return timestep_embedding(t_B, spec.block_channels[0], flip_sin_to_cos=spec.flip_sin_to_cos,
                                   freq_shift=spec.freq_shift).to(self.conv_in.weight.dtype)
 
+    def embed_time(self, timesteps_B: torch.Tensor, batch: int) -> torch.Tensor:
+        """The (B, T) time embedding the ResNets read, for a scalar or one timestep per example."""
+        if not isinstance(timesteps_B, torch.Tensor):
+            timesteps_B = torch.as_tensor(timesteps_B)
+        t_B = timesteps_B.reshape(-1).expand(batch)
+        return self.time_embedding(self._time_features(t_B))
+
     def forward(self, sample_BCHW: torch.Tensor, timesteps_B: torch.Tensor,
                 context_BSD: torch.Tensor) -> torch.Tensor:
         spec = self.spec
-        B = sample_BCHW.shape[0]
-        if not isinstance(timesteps_B, torch.Tensor):
-            timesteps_B = torch.as_tensor(timesteps_B)
-        t_B = timesteps_B.reshape(-1).expand(B)
-        temb_BT = self.time_embedding(self._time_features(t_B))
-
+        temb_BT = self.embed_time(timesteps_B, sample_BCHW.shape[0])
         x = self.conv_in(sample_BCHW)
         skips = [x]
         for path, s, u, unit in spec.units():

@@ -4,7 +4,6 @@ needs macOS, is replaced by a fake predictor on a fake clock."""
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import subprocess
 import sys
@@ -13,14 +12,14 @@ from pathlib import Path
 import pytest
 
 from export.coreml.export import package_io
-from export.coreml.latency_blocks import (BLOCKS_FILE, FIXED_FILE, latent_side_for,
-                                          resolve_spec, skeleton_spec)
+from export.coreml.latency_blocks import BLOCKS_FILE, FIXED_FILE, resolve_spec
 from export.coreml.time_blocks_macos import median_ms, write_latency_table
 from snapjax import pretrained
 from snapjax.cli import main as snapjax_main
 from snapjax.evolve.signature import block_signature
-from snapjax.models.unet_spec import SNAPFUSION
-from tests.export.tiny_models import UNET_GRAMMAR, random_params
+from snapjax.evolve.latency import latency_table, skeleton
+from snapjax.models.unet_spec import SNAPFUSION, UNetSpec
+from tests.export.tiny_models import UNET_GRAMMAR, UNET_SD, random_params
 
 SIDE = 8  # latent side: --resolution 64 over SD's VAE factor 8
 F16, F32 = "FLOAT16", "FLOAT32"
@@ -64,8 +63,9 @@ def test_package_specs_have_the_blocks_io(latency_out):
     meta = json.loads((latency_out / BLOCKS_FILE).read_text())
     spec = UNET_GRAMMAR
     assert package_io(latency_out / FIXED_FILE) == (
-        {"sample": ((1, 4, SIDE, SIDE), F16)}, {"out": ((1, 4, SIDE, SIDE), F32)})
-    assert meta["fixed"]["inputs"] == {"sample": [1, 4, SIDE, SIDE]}
+        {"sample": ((1, 4, SIDE, SIDE), F16), "timestep": ((1,), F16)},
+        {"out": ((1, 4, SIDE, SIDE), F32), "temb": ((1, spec.time_dim), F32)})
+    assert meta["fixed"]["inputs"] == {"sample": [1, 4, SIDE, SIDE], "timestep": [1]}
     for entry in meta["blocks"]:
         block = spec.block(entry["names"][0])
         side = SIDE // 2 ** block.stage
@@ -81,19 +81,25 @@ def test_package_specs_have_the_blocks_io(latency_out):
                 {"x": (x, F16)}, {"out": ((1, block.out_channels, side, side), F32)})
 
 
-def test_skeleton_removes_every_block():
-    skeleton = skeleton_spec(UNET_GRAMMAR)
-    assert skeleton.down == (("r",), ("r",)) and skeleton.up == (("r", "r"), ("r", "r"))
-    assert skeleton.mid == "r" and skeleton.block_names() == ()
-    assert all(b.kind == "res" and b.removed for b in skeleton.blocks())
-    assert skeleton_spec(dataclasses.replace(UNET_GRAMMAR, mid="")).mid == ""
+def test_fixed_package_is_the_skeleton(latency_out):
+    """Every block removed: no attention and no ResNet branch left, only what no block action
+    changes (the skeleton the latency tables price as fixed)."""
+    import coremltools as ct
+
+    model = ct.models.MLModel(str(latency_out / FIXED_FILE), skip_model_load=True)
+    recorded = UNetSpec.from_dict(json.loads(model.user_defined_metadata["snapjax.spec"]))
+    assert recorded == skeleton(UNET_GRAMMAR) and recorded.block_names() == ()
+    function = model.get_spec().mlProgram.functions["main"]
+    ops = [op.type for op in function.block_specializations[function.opset].operations]
+    # conv_in, 5 head shortcuts (channels change), the down- and upsampler, conv_out.
+    assert ops.count("conv") == 9 and "matmul" not in ops and "linear" in ops
 
 
-def test_resolution_to_latent_side():
-    spec, factor = resolve_spec("snapfusion")
-    assert spec == SNAPFUSION and latent_side_for(spec, 512, factor) == 64
-    with pytest.raises(ValueError, match="multiple of 64"):
-        latent_side_for(spec, 500, factor)  # 8 (VAE) x 2**3 (downsamplers)
+def test_presets_and_folders_give_spec_and_vae_factor(latency_out, student_pipeline):
+    assert resolve_spec("snapfusion") == (SNAPFUSION, 8)
+    assert resolve_spec(str(latency_out.parent / "unet")) == (UNET_GRAMMAR, 8)
+    spec, factor = resolve_spec(str(student_pipeline))  # the tiny VAE downsamples 2x
+    assert spec == UNET_SD and factor == 2
     with pytest.raises(ValueError, match="neither a UNet preset"):
         resolve_spec("no_such_preset")
 
@@ -144,6 +150,9 @@ def test_latency_table_from_a_fake_predictor(latency_out, tmp_path):
         expected = 5.0 + i - (2.0 if e["shortcut"] else 0.0)
         assert table["blocks"][e["signature"]] == pytest.approx(
             0.0 if e["signature"] == clamped else expected), e["signature"]
+    # snapjax's evolution reads it: every droppable block priced, fixed as measured.
+    priced = latency_table(UNET_GRAMMAR, resolution=8 * SIDE, source=str(out))
+    assert set(priced) == set(UNET_GRAMMAR.block_names()) and priced.fixed == table["fixed"]
 
 
 @pytest.mark.skipif(sys.platform == "darwin", reason="checks the non-macOS path")
