@@ -30,6 +30,10 @@ def vae_misfit(spec, params) -> str | None:
         return (f"the decoder widths {tuple(spec.decoder_channels)} differ from the encoder's "
                 f"{tuple(spec.encoder_channels)} (a pruned decoder); AutoencoderKL has one "
                 "block_out_channels for both")
+    if spec.decoder_groups != spec.norm_groups:
+        return (f"the decoder has {spec.decoder_groups} GroupNorm groups and the encoder "
+                f"{spec.norm_groups} (a decoder pruned in whole groups); AutoencoderKL has one "
+                "norm_num_groups for both")
     if spec.mid_attention and spec.mid_attention_heads != 1:
         return f"mid_attention_heads={spec.mid_attention_heads}; AutoencoderKL uses one head"
     if spec.norm_eps != _DIFFUSERS_VAE_EPS:

@@ -36,7 +36,7 @@ class Decoder(nn.Module):
     def __init__(self, spec: VAESpec):
         super().__init__()
         self.spec = spec
-        ch, g, eps = spec.decoder_channels, spec.norm_groups, spec.norm_eps
+        ch, g, eps = spec.decoder_channels, spec.decoder_groups, spec.norm_eps
 
         def resnet(i, o):
             return ResnetBlock(i, o, groups=g, eps=eps, temb_channels=None)

@@ -3,9 +3,11 @@
 Legend: B batch, H W image height/width, h w latent height/width (H / 2**(stages-1)),
 C channels, Z latent channels.
 
-The encoder and the decoder have their own channel tuples, so SnapFusion's efficient decoder (every
-decoder width halved) is this module with another :class:`VAESpec`, and :class:`VAEDecoder` runs the
-decoder alone (parameters ``post_quant_conv`` + ``decoder``, the same names as inside :class:`VAE`).
+The encoder and the decoder have their own channel tuples and GroupNorm group counts, so
+SnapFusion's efficient decoder (every decoder width halved) is this module with another
+:class:`VAESpec`, and :class:`VAEDecoder` runs the decoder alone (parameters ``post_quant_conv`` +
+``decoder``, the same names as inside :class:`VAE`). :mod:`snapjax.models.prune` makes such a
+decoder from a teacher's weights.
 
 Parameter tree (names mirror diffusers; ``i`` and ``j`` as in diffusers' module lists):
 
@@ -56,6 +58,9 @@ class VAESpec:
     decoder_channels: tuple[int, ...] = (128, 256, 512, 512)
     layers_per_block: int = 2
     norm_groups: int = 32
+    # The decoder's GroupNorm groups; None: norm_groups. A decoder pruned in whole groups
+    # (snapjax.models.prune) has fewer groups of the teacher's size.
+    decoder_norm_groups: int | None = None
     norm_eps: float = 1e-6
     mid_attention: bool = True
     # diffusers' VAE attention has heads = channels // attention_head_dim with attention_head_dim =
@@ -76,15 +81,26 @@ class VAESpec:
             raise ValueError("VAESpec: encoder_channels is empty")
         if self.layers_per_block < 1:
             raise ValueError(f"VAESpec.layers_per_block={self.layers_per_block}: need >= 1")
-        for field in ("encoder_channels", "decoder_channels"):
+        if self.decoder_norm_groups is not None and self.decoder_norm_groups < 1:
+            raise ValueError(f"VAESpec.decoder_norm_groups={self.decoder_norm_groups}: need >= 1 "
+                             "(or None: norm_groups)")
+        for field, groups, name in (
+                ("encoder_channels", self.norm_groups, "norm_groups"),
+                ("decoder_channels", self.decoder_groups,
+                 "norm_groups" if self.decoder_norm_groups is None else "decoder_norm_groups")):
             for s, c in enumerate(getattr(self, field)):
-                if c % self.norm_groups:
+                if c % groups:
                     raise ValueError(f"VAESpec.{field}[{s}]={c} is not divisible by "
-                                     f"norm_groups={self.norm_groups}")
+                                     f"{name}={groups}")
             c = getattr(self, field)[-1]
             if self.mid_attention and c % self.mid_attention_heads:
                 raise ValueError(f"VAESpec.{field}[-1]={c} (the mid attention width) is not "
                                  f"divisible by mid_attention_heads={self.mid_attention_heads}")
+
+    @property
+    def decoder_groups(self) -> int:
+        """GroupNorm groups in the decoder."""
+        return self.norm_groups if self.decoder_norm_groups is None else self.decoder_norm_groups
 
     @property
     def downsample_factor(self) -> int:
@@ -123,10 +139,12 @@ def preset(name: str) -> VAESpec:
 
 def pruned(spec: VAESpec, ratio: float = 0.5) -> VAESpec:
     """The spec with every decoder width scaled by ``ratio`` (SnapFusion: 0.5), rounded to the nearest
-    multiple of ``norm_groups`` (at least one group's worth). The encoder is unchanged."""
+    multiple of the decoder's groups (at least one group's worth), which stay as many: an
+    architecture diffusers' AutoencoderKL can hold. The encoder is unchanged. To start from the
+    teacher's weights use :func:`snapjax.models.prune.prune_decoder` (whole groups kept)."""
     if not 0 < ratio <= 1:
         raise ValueError(f"pruned: ratio={ratio} must be in (0, 1]")
-    g = spec.norm_groups
+    g = spec.decoder_groups
     channels = tuple(max(g, round(c * ratio / g) * g) for c in spec.decoder_channels)
     return dataclasses.replace(spec, decoder_channels=channels)
 
@@ -153,13 +171,13 @@ class MidAttention(nn.Module):
         return x_BHWC + self.attn(h_BLC).reshape(B, H, W, C)
 
 
-def _mid_block(h: jax.Array, channels: int, spec: VAESpec, dtype) -> jax.Array:
+def _mid_block(h: jax.Array, channels: int, groups: int, spec: VAESpec, dtype) -> jax.Array:
     """resnet, (attention), resnet; call inside a compact method (modules attach to the caller)."""
-    h = ResnetBlock(channels, spec.norm_groups, spec.norm_eps, dtype=dtype, name="mid_res_0")(h)
+    h = ResnetBlock(channels, groups, spec.norm_eps, dtype=dtype, name="mid_res_0")(h)
     if spec.mid_attention:
-        h = MidAttention(channels, spec.mid_attention_heads, spec.norm_groups, spec.norm_eps,
+        h = MidAttention(channels, spec.mid_attention_heads, groups, spec.norm_eps,
                          dtype=dtype, name="mid_attn")(h)
-    return ResnetBlock(channels, spec.norm_groups, spec.norm_eps, dtype=dtype, name="mid_res_1")(h)
+    return ResnetBlock(channels, groups, spec.norm_eps, dtype=dtype, name="mid_res_1")(h)
 
 
 class Encoder(nn.Module):
@@ -178,7 +196,7 @@ class Encoder(nn.Module):
                                 name=f"down_{i}_res_{j}")(h)
             if i < len(ch) - 1:
                 h = Downsample(c, asymmetric=True, dtype=self.dtype, name=f"down_{i}_downsample")(h)
-        h = _mid_block(h, ch[-1], s, self.dtype)
+        h = _mid_block(h, ch[-1], s.norm_groups, s, self.dtype)
         h = nn.silu(group_norm(s.norm_groups, s.norm_eps, self.dtype, "conv_norm_out")(h))
         return conv(2 * s.latent_channels, 3, dtype=self.dtype, name="conv_out")(h)
 
@@ -191,16 +209,15 @@ class Decoder(nn.Module):
 
     @nn.compact
     def __call__(self, z_BhwZ: jax.Array) -> jax.Array:
-        s, ch = self.spec, self.spec.decoder_channels
+        s, ch, g = self.spec, self.spec.decoder_channels, self.spec.decoder_groups
         h = conv(ch[-1], 3, dtype=self.dtype, name="conv_in")(z_BhwZ.astype(self.dtype))
-        h = _mid_block(h, ch[-1], s, self.dtype)
+        h = _mid_block(h, ch[-1], g, s, self.dtype)
         for i, c in enumerate(reversed(ch)):
             for j in range(s.layers_per_block + 1):
-                h = ResnetBlock(c, s.norm_groups, s.norm_eps, dtype=self.dtype,
-                                name=f"up_{i}_res_{j}")(h)
+                h = ResnetBlock(c, g, s.norm_eps, dtype=self.dtype, name=f"up_{i}_res_{j}")(h)
             if i < len(ch) - 1:
                 h = Upsample(c, dtype=self.dtype, name=f"up_{i}_upsample")(h)
-        h = nn.silu(group_norm(s.norm_groups, s.norm_eps, self.dtype, "conv_norm_out")(h))
+        h = nn.silu(group_norm(g, s.norm_eps, self.dtype, "conv_norm_out")(h))
         return conv(s.out_channels, 3, dtype=self.dtype, name="conv_out")(h)
 
 

@@ -171,3 +171,29 @@ def test_spec_json_round_trip_and_errors():
     with pytest.raises(ValueError, match="unknown VAE preset 'sd21'"):
         vae_lib.preset("sd21")
     assert vae_lib.preset("sd15").scaling_factor == 0.18215
+
+
+def test_decoder_norm_groups_is_the_decoders_own():
+    # Spec files written before the field load as before: the decoder uses norm_groups.
+    old = json.loads(vae_lib.TINY.to_json())
+    del old["decoder_norm_groups"]
+    assert VAESpec.from_dict(old) == vae_lib.TINY and vae_lib.TINY.decoder_groups == 8
+    spec = dataclasses.replace(vae_lib.TINY, decoder_norm_groups=4)
+    assert VAESpec.from_dict(json.loads(spec.to_json())) == spec and spec.decoder_groups == 4
+
+    # The decoder normalises in its own groups, the encoder in norm_groups.
+    same_as_decoder = dataclasses.replace(vae_lib.TINY, norm_groups=4)
+    params = _init(VAE(vae_lib.TINY), jnp.zeros((1, 8, 8, 3)))
+    z = jax.random.normal(jax.random.key(1), (1, 4, 4, 4))
+    x = jax.random.normal(jax.random.key(2), (1, 8, 8, 3))
+    decode = lambda s: _apply(VAE(s), params, z, method="decode")
+    encode = lambda s: _apply(VAE(s), params, x, method="encode")[0]
+    np.testing.assert_array_equal(decode(spec), decode(same_as_decoder))
+    assert float(jnp.abs(decode(spec) - decode(vae_lib.TINY)).max()) > 1e-3
+    np.testing.assert_array_equal(encode(spec), encode(vae_lib.TINY))
+
+    with pytest.raises(ValueError, match=r"decoder_channels\[0\]=32 is not divisible by "
+                                         r"decoder_norm_groups=3"):
+        dataclasses.replace(vae_lib.TINY, decoder_norm_groups=3)
+    with pytest.raises(ValueError, match="decoder_norm_groups=0: need >= 1"):
+        dataclasses.replace(vae_lib.TINY, decoder_norm_groups=0)
