@@ -30,6 +30,7 @@ from snapjax.sharding import MeshConfig
 from snapjax.train.loop import TrainConfig
 from snapjax.train.objectives import DiffusionConfig
 from snapjax.train.optim import OptimConfig
+from snapjax.train.robust import RobustConfig
 
 SD15_FOLDER = "models/stable-diffusion-v1-5"
 
@@ -43,6 +44,7 @@ def get_config(arg: str = "pod") -> ml_collections.ConfigDict:
     config.unet = as_config(SD15)  # unused when diffusion.unet_init is set (its spec wins)
     config.text_encoder = as_config(TextEncoderSpec)  # likewise, with diffusion.text_encoder
     config.checkpoint = as_config(CheckpointConfig(every_steps=1000, keep=3))
+    config.robust = as_config(RobustConfig)  # off: the teacher runs every block
     if arg == "cpu":
         config.train = as_config(TrainConfig(steps=200, batch_size=16, log_every=20))
         config.mesh = as_config(MeshConfig)

@@ -26,6 +26,7 @@ from snapjax.sharding import MeshConfig
 from snapjax.train.loop import TrainConfig
 from snapjax.train.objectives import DiffusionConfig
 from snapjax.train.optim import OptimConfig
+from snapjax.train.robust import RobustConfig
 
 TEXT_WIDTH = 64
 
@@ -52,6 +53,7 @@ def get_config(arg: str = "cpu") -> ml_collections.ConfigDict:
     config.diffusion = as_config(DiffusionConfig(
         vae="runs/world_vae/model", train_text_encoder=True, caption_dropout=0.1,
         sample_steps=50, guidance_scale=4.0, num_samples=16, eval_samples=128))
+    config.robust = as_config(RobustConfig)  # off; configs/world_robust.py turns it on
     config.text_encoder = as_config(TextEncoderSpec(
         vocab_size=_world_vocab_size(), max_length=24, width=TEXT_WIDTH, layers=2, heads=4,
         mlp_dim=4 * TEXT_WIDTH))
