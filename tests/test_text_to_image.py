@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+from snapjax import sampling
 from snapjax.pipeline import PIPELINE_FILE, TextToImage, image_grid
 from tests.conftest import max_rel_err
 from tests.tiny_pipeline import build_pipeline
@@ -81,6 +82,17 @@ def test_negative_prompt_and_seed(pipelines):
     # (A batch of 1 runs other XLA kernels than a batch of 2, hence float32-rounding tolerance.)
     second = pipe(PROMPTS[1:], num_steps=2, seed=3, first_index=1, return_latents=True)
     assert max_rel_err(second[0], a[1]) < 1e-5
+
+
+def test_seeded_noise_is_the_sampling_modules_convention(pipelines):
+    # Training previews draw sampling.initial_noise too: a seed means the same image in both.
+    _, pipe = pipelines("epsilon", "leading")
+    noise = sampling.initial_noise(5, 2, (8, 8), 4, first_index=3)
+    seeded = pipe(PROMPTS, num_steps=2, seed=5, first_index=3, return_latents=True)
+    explicit = pipe(PROMPTS, num_steps=2, latents=np.asarray(noise), return_latents=True)
+    np.testing.assert_array_equal(seeded, explicit)
+    second = np.asarray(sampling.initial_noise(5, 1, (8, 8), 4, first_index=4))
+    np.testing.assert_array_equal(second[0], np.asarray(noise)[1])  # (seed, index), not batch
 
 
 def test_save_and_reload_snapjax_folder(pipelines, tmp_path):

@@ -1,9 +1,11 @@
 """The text-to-image objective through the real loop: raw world images encoded by a frozen VAE
-inside the step, a text encoder trained with the UNet, then sampling and export.
+inside the step, a text encoder trained with the UNet, then sampling and export; then robust
+training (configs/world_robust.py) fine-tuning that teacher's pipeline folder.
 
 A smoke test of the wiring with toy models (the learning itself is checked by the world
 teacher run recorded in docs/training.md): the losses are finite, the sample grid is written,
-and the exported UNet and text encoder load back equal to the run's EMA weights.
+the exported UNet and text encoder load back equal to the run's EMA weights, and the preview
+images are exactly what ``TextToImage`` (``snapjax sample``) makes of the exported folder.
 """
 
 from __future__ import annotations
@@ -14,11 +16,15 @@ import math
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
+from PIL import Image
 
 from snapjax import pretrained
+from snapjax.config import ConfigError, load_config
 from snapjax.pipeline import TextToImage
 from snapjax.models.vae import VAE, VAESpec
-from tests.train.conftest import checkpoint_steps, losses, run_train, train_env
+from snapjax.train import objectives, optim
+from tests.train.conftest import REPO, checkpoint_steps, losses, run_train, train_env
 
 TOY = [
     "--config.data.resolution=8", "--config.data.num_threads=1",
@@ -44,11 +50,42 @@ def _toy_vae_folder(path):
     return path
 
 
-def test_world_teacher_wiring(tmp_path, jax_cache):
+@pytest.fixture(scope="module")
+def teacher_run(tmp_path_factory, jax_cache):
+    """The toy world teacher, trained once for the tests below: its workdir."""
+    tmp_path = tmp_path_factory.mktemp("objectives")
     vae = _toy_vae_folder(tmp_path / "vae")
     workdir = tmp_path / "teacher"
     run_train(workdir, *TOY, f"--config.diffusion.vae={vae}", env=train_env(jax_cache),
               config="configs/world_teacher.py")
+    return workdir
+
+
+def _preview(workdir, step):
+    """(the preview images, their captions) from the grid PNG the run wrote at ``step``."""
+    path = workdir / "samples" / f"samples_{step:07d}.png"
+    captions = json.loads(path.with_suffix(".json").read_text())
+    grid = np.asarray(Image.open(path))
+    n, rows, pad = len(captions), int(np.ceil(np.sqrt(len(captions)))), 2
+    cols = -(-n // rows)
+    h = (grid.shape[0] - pad) // rows - pad
+    w = (grid.shape[1] - pad) // cols - pad
+    cells = [grid[pad + r * (h + pad):pad + r * (h + pad) + h,
+                  pad + c * (w + pad):pad + c * (w + pad) + w]
+             for r, c in (divmod(i, cols) for i in range(n))]
+    return np.stack(cells), captions
+
+
+def _assert_preview_is_what_sample_makes(workdir, step):
+    # `snapjax sample --model WORKDIR/model` on the preview's captions, default seed, one batch.
+    images, captions = _preview(workdir, step)
+    assert len(captions) == 4 and len(np.unique(images)) > 16  # real images, not a blank grid
+    pipe = TextToImage.from_pretrained(workdir / "model")
+    np.testing.assert_array_equal(pipe(captions, seed=0), images)
+
+
+def test_world_teacher_wiring(teacher_run):
+    workdir = teacher_run
     got = losses(workdir)
     assert sorted(got) == [1, 2, 3] and all(math.isfinite(v) for v in got.values())
     assert checkpoint_steps(workdir) == [3]
@@ -71,3 +108,33 @@ def test_world_teacher_wiring(tmp_path, jax_cache):
                           (text_params, saved["ema_params"]["text_encoder"])):
         for a, b in zip(jax.tree.leaves(exported), jax.tree.leaves(ema)):
             np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    # The training-time preview is the image `snapjax sample` makes from the exported folder.
+    _assert_preview_is_what_sample_makes(workdir, 3)
+
+
+def test_robust_training_fine_tunes_the_teacher_and_samples_with_every_block(teacher_run,
+                                                                             jax_cache):
+    workdir = teacher_run.parent / "robust"
+    run_train(workdir, *TOY, f"--config.teacher_pipeline={teacher_run / 'model'}",
+              "--config.opt.warmup_steps=0", env=train_env(jax_cache),
+              config="configs/world_robust.py")
+    records = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    fractions = [r["robust/keep_fraction"] for r in records if "robust/keep_fraction" in r]
+    assert len(fractions) == 3 and all(math.isfinite(v) for v in losses(workdir).values())
+    # 3 steps x 4 examples x 6 blocks drawn at p = 0.8: mean within 4 sigma (0.19).
+    assert abs(np.mean(fractions) - 0.8) < 0.19, fractions
+    # Only the UNet is trained; the text encoder and VAE are the teacher's.
+    teacher, tuned = (TextToImage.from_pretrained(w / "model") for w in (teacher_run, workdir))
+    for a, b in zip(jax.tree.leaves(teacher.text_encoder_params),
+                    jax.tree.leaves(tuned.text_encoder_params)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    # Sampling runs every block: a masked preview would not equal the unmasked pipeline's image.
+    _assert_preview_is_what_sample_makes(workdir, 3)
+
+
+def test_unknown_objective_lists_the_registered_ones():
+    config = load_config(str(REPO / "configs" / "world_teacher.py"), ["--config.objective=gan"])
+    with pytest.raises(ConfigError, match=r"config.objective='gan': expected one of "
+                                          r"\['unet_diffusion', 'vae'\]"):
+        objectives.build_objective(config, optimizer=optim.make_optimizer(optim.OptimConfig(), 1),
+                                   ema_decay=0.9, microbatches=1, compute_dtype=jnp.float32)

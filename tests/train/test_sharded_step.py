@@ -33,13 +33,15 @@ SCRIPT = textwrap.dedent("""
                     mid="", num_heads=(2, 2), context_dim=16, transformer_layers=(1, 1),
                     norm_groups=8)
     unet = UNet(spec)
+    BLOCK_MASK = None
+    # SETUP
     opt = optim.make_optimizer(optim.OptimConfig(lr=1e-4, warmup_steps=0), 10)
     init = lambda k: {"unet": unet.init(k, jnp.zeros((1, 8, 8, 4)), jnp.zeros((1,), jnp.int32),
                                         jnp.zeros((1, 1, 16)))["params"]}
     step = functools.partial(
         steps.unet_diffusion_step, unet=unet, schedule=NoiseSchedule(prediction_type="v_prediction"),
         inputs=functools.partial(steps.cached_inputs, caption_dropout=0.1), optimizer=opt,
-        ema_decay=0.9, min_snr_gamma=5.0, microbatches=2)
+        ema_decay=0.9, min_snr_gamma=5.0, block_mask=BLOCK_MASK, microbatches=2)
     gen = np.random.default_rng(0)
     batch_np = {"latent": gen.normal(size=(16, 8, 8, 4)).astype(np.float32),
                 "context": gen.normal(size=(16, 6, 16)).astype(np.float32)}
@@ -56,19 +58,21 @@ SCRIPT = textwrap.dedent("""
                                         repl, frozen_sh),
                     out_shardings=(shardings, repl), donate_argnums=0)
         frozen = jax.device_put(frozen_np, frozen_sh)
-        losses = []
+        losses, metrics = [], []
         for _ in range(2):
             state, m = f(state, batch, jax.device_put(jax.random.key(1), repl), frozen)
             losses.append(float(m["loss"]))
-        return initial, losses, state
+            metrics.append({k: float(v) for k, v in m.items()})
+        return initial, losses, state, metrics
 
-    one_init, one_losses, one = run(MeshConfig(data=1), jax.devices()[:1])
+    one_init, one_losses, one, one_metrics = run(MeshConfig(data=1), jax.devices()[:1])
     cfg = MeshConfig(data=2, fsdp=4, min_shard_size=1024)
-    many_init, many_losses, many = run(cfg, jax.devices())
+    many_init, many_losses, many, many_metrics = run(cfg, jax.devices())
 
     def flat(tree):
         return {jax.tree_util.keystr(p): x for p, x in jax.tree_util.tree_leaves_with_path(tree)}
     report = {"one_losses": one_losses, "many_losses": many_losses,
+              "one_metrics": one_metrics, "many_metrics": many_metrics,
               "init_max_diff": max(float(np.abs(a - b).max()) for a, b in
                                    zip(jax.tree.leaves(one_init), jax.tree.leaves(many_init))),
               "param_max_diff": max(float(np.abs(np.asarray(a) - np.asarray(b)).max()) for a, b in
@@ -87,15 +91,20 @@ SCRIPT = textwrap.dedent("""
 """)
 
 
-def test_sharded_step_matches_single_device_and_shards_big_params():
+def run_sharded(setup: str = "") -> dict:
+    """The script's report; ``setup`` is Python run after ``spec`` and ``unet`` are defined
+    (it may set BLOCK_MASK, the step's robust-training mask sampler)."""
+    script = SCRIPT.replace("# SETUP\n", textwrap.dedent(setup) + "\n")
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
                JAX_PLATFORMS="cpu")
-    out = subprocess.run([sys.executable, "-c", SCRIPT], env=env, capture_output=True, text=True,
+    out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True,
                          timeout=900)
     assert out.returncode == 0, out.stderr[-4000:]
     line = next(s for s in out.stdout.splitlines() if s.startswith("REPORT"))
-    report = json.loads(line[len("REPORT"):])
+    return json.loads(line[len("REPORT"):])
 
+
+def assert_sharded_matches_single_device(report: dict) -> None:
     assert report["init_max_diff"] == 0.0  # created sharded, bit-identical to one device
     np.testing.assert_allclose(report["many_losses"], report["one_losses"], rtol=1e-5)
     assert report["param_max_diff"] < 1e-5, report["param_max_diff"]
@@ -106,3 +115,7 @@ def test_sharded_step_matches_single_device_and_shards_big_params():
         assert fraction <= 0.25, f"{name} {spec}: each device holds {fraction:.2f} of it"
         assert moment_fractions and all(f <= 0.25 for f in moment_fractions), (name, moment_fractions)
     assert report["small_sharded"] == []
+
+
+def test_sharded_step_matches_single_device_and_shards_big_params():
+    assert_sharded_matches_single_device(run_sharded())
