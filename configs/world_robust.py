@@ -17,30 +17,19 @@ Everything else is the world teacher's config (data, schedule, sampling, sizes):
 a lower, constant learning rate after a short warmup, as a fine-tune.
 """
 
-import importlib.util
-import pathlib
-
 import ml_collections
 
-from snapjax.config import as_config
+from snapjax.config import as_config, base_config
 from snapjax.train.optim import OptimConfig
 from snapjax.train.robust import RobustConfig
 
 TEACHER_PIPELINE = "runs/world/teacher/model"
 
 
-def _world_teacher_config(arg: str) -> ml_collections.ConfigDict:
-    path = pathlib.Path(__file__).with_name("world_teacher.py")
-    spec = importlib.util.spec_from_file_location("snapjax_config_world_teacher", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config(arg)
-
-
 def get_config(arg: str = "cpu") -> ml_collections.ConfigDict:
     if arg not in ("cpu", "accel"):
         raise ValueError(f"configs/world_robust.py: unknown variant {arg!r}; use cpu or accel")
-    config = _world_teacher_config(arg)
+    config = base_config(__file__, "world_teacher.py", arg)
     # One key names the teacher; the model paths follow it (override either).
     config.teacher_pipeline = TEACHER_PIPELINE
     teacher = config.get_ref("teacher_pipeline")

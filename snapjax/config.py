@@ -161,6 +161,17 @@ def load_config(spec: str, overrides: Sequence[str] = ()) -> ml_collections.Conf
     return config
 
 
+def base_config(config_file: str, name: str, arg: str) -> ml_collections.ConfigDict:
+    """``get_config(arg)`` of the config file ``name`` beside ``config_file`` (a config that
+    extends another: ``base_config(__file__, "world_robust.py", arg)``), unlocked."""
+    path = os.path.join(os.path.dirname(os.path.abspath(config_file)), name)
+    module_spec = importlib.util.spec_from_file_location(
+        f"snapjax_config_{abs(hash(os.path.abspath(path)))}", path)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    return module.get_config(arg)
+
+
 def _split_overrides(items: Sequence[str]) -> list[tuple[str, str]]:
     pairs, i = [], 0
     items = list(items)

@@ -88,20 +88,30 @@ def latent_side_of(resolution: int, downsample_factor: int) -> int:
 
 
 def latency_table(spec: UNetSpec, resolution: int, source: str, *, downsample_factor: int = 8,
-                  context_length: int = CONTEXT_LENGTH, repeats: int = 20) -> LatencyTable:
+                  context_length: int = CONTEXT_LENGTH, repeats: int = 20,
+                  prices: dict[str, float] | None = None) -> LatencyTable:
     """The cost of each block of ``spec`` at ``resolution`` pixels (``resolution /
-    downsample_factor`` latents). ``source``: "macs", "measured" or a JSON file's path."""
+    downsample_factor`` latents). ``source``: "macs", "measured" or a JSON file's path.
+
+    ``prices``: signature -> cost, filled here and reused by later calls for specs evolved from
+    the same UNet (evolution prices each new signature once, not each new spec); the fixed part
+    is stored under the key "fixed"."""
     side = latent_side_of(resolution, downsample_factor)
     live = [b for b in spec.blocks() if not b.removed]
+    by_signature = {} if prices is None else prices
     if source == "macs":
         cost = functools.partial(_block_gflop, spec, side, context_length)
-        fixed, unit = _unet_gflop(skeleton(spec), side, context_length), "GFLOP"
+        fixed_cost, unit = functools.partial(_unet_gflop, skeleton(spec), side,
+                                             context_length), "GFLOP"
     elif source == "measured":
         cost = functools.partial(_block_ms, spec, side, context_length, repeats)
-        fixed, unit = _unet_ms(skeleton(spec), side, context_length, repeats), "ms"
+        fixed_cost, unit = functools.partial(_unet_ms, skeleton(spec), side, context_length,
+                                             repeats), "ms"
     else:
         return _json_table(spec, live, side, context_length, source)
-    by_signature: dict[str, float] = {}
+    if "fixed" not in by_signature:
+        by_signature["fixed"] = fixed_cost()
+    fixed = by_signature["fixed"]
     blocks = {}
     for b in live:
         sig = block_signature(spec, b, side, context_length)

@@ -1,0 +1,177 @@
+"""Architecture evolution: the round's decision against a quality whose answer is known, and
+``snapjax evolve`` end to end on a tiny random world teacher, killed and resumed."""
+
+import dataclasses
+import json
+
+import numpy as np
+import pytest
+
+from snapjax.config import load_config
+from snapjax.evolve import evolution
+from snapjax.evolve.evolution import EvolveConfig
+from snapjax.evolve.latency import latency_table, unet_cost
+from snapjax.models.unet_spec import TINY
+from tests.train.conftest import REPO
+
+
+class KnownQuality:
+    """quality = -(sum of the importance of the dropped blocks): dQuality_b = importance_b."""
+
+    key = "q"
+
+    def __init__(self, spec, importance):
+        self.names, self.importance = spec.block_names(), importance
+
+    def __call__(self, unet, params, mask):
+        del unet, params
+        return {"q": -sum(self.importance[n] for n, m in zip(self.names, mask) if m == 0)}
+
+
+def decide(spec, importance, target_fraction, **cfg):
+    table = latency_table(spec, 64, "macs")
+    target = target_fraction * unet_cost(spec, table)
+    return evolution.evolution_round(0, spec, None, unet=None,
+                                     measure=KnownQuality(spec, importance), table=table,
+                                     target=target, cfg=EvolveConfig(**cfg)), table
+
+
+def test_over_target_removes_the_lowest_quality_per_latency():
+    importance = {n: 1.0 for n in TINY.block_names()}
+    importance["up_0_1_attn"] = 0.01  # nearly useless and not cheap: the lowest value
+    result, table = decide(TINY, importance, 0.5, group_size=2)
+    values = sorted(TINY.block_names(), key=lambda n: importance[n] / table[n])
+    assert [a[:2] for a in result.actions] == [("remove", values[0]), ("remove", values[1])]
+    assert values[0] == "up_0_1_attn"
+    assert result.latency_after == pytest.approx(
+        result.latency - table[values[0]] - table[values[1]])
+    assert result.spec_after.num_blocks == TINY.num_blocks - 2
+    row = result.rows()[0]
+    assert row["action"] == "remove" and row["d_quality"] == pytest.approx(0.01)
+
+
+def test_under_target_duplicates_the_most_valuable_that_fit():
+    importance = {n: 0.1 for n in TINY.block_names()}
+    importance["mid_attn"] = 5.0
+    result, table = decide(TINY, importance, 1.0 + 1e-9, group_size=1)  # no room at all
+    assert result.actions == []
+    assert result.rows()[0]["action"] == "stop"
+    room = (table.total + table["mid_attn"]) / table.total
+    result, _ = decide(TINY, importance, room * (1 + 1e-9))
+    assert result.actions == [("duplicate", "mid_attn", "mid_attn")]
+    result, _ = decide(TINY, importance, room, duplicate=False)
+    assert result.actions == []
+
+
+def test_a_group_follows_the_names_earlier_actions_shift():
+    spec = dataclasses.replace(TINY, down=(("RAA",), ("R",)))
+    importance = {n: 1.0 for n in spec.block_names()}
+    importance["down_0_0_attn"] = importance["down_0_0_attn_1"] = 1e-6
+    result, _ = decide(spec, importance, 0.3, group_size=2)
+    # Removing down_0_0_attn renames down_0_0_attn_1 to down_0_0_attn: the second action
+    # must name it so.
+    assert result.actions == [("remove", "down_0_0_attn", "down_0_0_attn"),
+                              ("remove", "down_0_0_attn", "down_0_0_attn_1")]
+    assert result.spec_after.down[0] == ("R",)
+
+
+def test_unreachable_target_names_the_best_latency():
+    table = latency_table(TINY, 64, "macs")
+    best = evolution.best_reachable(TINY, table)
+    evolution.check_target(TINY, table, best)
+    with pytest.raises(ValueError, match=r"unreachable: removing every block.*leaves"):
+        evolution.check_target(TINY, table, 0.99 * best)
+
+
+@pytest.mark.parametrize("key, value, message", [
+    ("target_latency", 0.0, "target_latency"), ("target_latency", 1.5, "target_latency"),
+    ("quality", "clip", "evolve.quality"), ("duplicate_init", "noise", "duplicate_init"),
+    ("rounds", 0, "rounds"),
+])
+def test_bad_evolve_config(key, value, message):
+    with pytest.raises(ValueError, match=message):
+        EvolveConfig(**{key: value})
+
+
+# ----------------------------------------------------------------------------- end to end
+
+@pytest.fixture(scope="module")
+def tiny_teacher(tmp_path_factory):
+    """A random-weight world pipeline folder at 8x8 images (latents 4x4), built from shapes."""
+    from snapjax import pretrained
+    from snapjax.data.world import world_tokenizer_folder
+    from snapjax.diffusion.schedule import NoiseSchedule
+    from snapjax.models.text_encoder import TextEncoderSpec
+    from snapjax.models.tokenizer import Tokenizer
+    from snapjax.models.vae import VAESpec
+    from snapjax.pipeline import TextToImage
+
+    vocab = len(json.loads((world_tokenizer_folder() / "vocab.json").read_text()))
+    text_spec = TextEncoderSpec(vocab_size=vocab, max_length=24, width=16, layers=1, heads=2,
+                                mlp_dim=32)
+    vae_spec = VAESpec(encoder_channels=(8, 8), decoder_channels=(8, 8), layers_per_block=1,
+                       norm_groups=4, mid_attention=False)
+    unet_spec = dataclasses.replace(TINY, block_channels=(16, 32), context_dim=16,
+                                    norm_groups=4, down=(("RA",), ("RA",)),
+                                    up=(("RA", "RA"), ("RA", "RA")))
+    rs = np.random.default_rng(0)
+
+    def weights(kind, spec):
+        def leaf(path, x):
+            if path[-1].key in ("kernel", "embedding"):
+                fan_in = int(np.prod(x.shape[:-1])) if path[-1].key == "kernel" else 1
+                return rs.normal(0, fan_in ** -0.5, x.shape).astype(np.float32)
+            base = 1.0 if path[-1].key == "scale" else 0.0
+            return (base + rs.normal(0, 0.05, x.shape)).astype(np.float32)
+        import jax
+        return jax.tree_util.tree_map_with_path(leaf, pretrained.abstract_params(kind, spec))
+
+    pipe = TextToImage(
+        unet=pretrained.build_module("unet", unet_spec), unet_params=weights("unet", unet_spec),
+        vae=pretrained.build_module("vae", vae_spec), vae_params=weights("vae", vae_spec),
+        text_encoder=pretrained.build_module("text_encoder", text_spec),
+        text_encoder_params=weights("text_encoder", text_spec),
+        tokenizer=Tokenizer.from_folder(world_tokenizer_folder(), max_length=24),
+        schedule=NoiseSchedule(prediction_type="v_prediction"), sample_size=4)
+    folder = tmp_path_factory.mktemp("teacher") / "model"
+    pipe.save_pretrained(folder)
+    return folder
+
+
+def evolve_config(teacher, rounds):
+    return load_config(f"{REPO}/configs/world_evolve.py", [
+        f"--config.teacher_pipeline={teacher}", "--config.data.resolution=8",
+        "--config.data.num_threads=1", "--config.train.batch_size=4",
+        "--config.train.progress_bar=false", "--config.evolve.train_steps_per_round=2",
+        f"--config.evolve.rounds={rounds}", "--config.evolve.num_prompts=8",
+        "--config.evolve.target_latency=0.75", "--config.opt.warmup_steps=0"])
+
+
+def test_evolve_end_to_end_and_resume(tiny_teacher, tmp_path):
+    from snapjax.evolve.run import run_evolution
+    from snapjax.pipeline import TextToImage
+
+    whole = tmp_path / "whole"
+    summary = run_evolution(evolve_config(tiny_teacher, 2), str(whole))
+    rows = [json.loads(line) for line in (whole / "evolution.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in rows] == [0, 1]
+    assert all(r["action"] == "remove" for r in rows)  # 0.75 needs several removals
+    assert summary["blocks"] == summary["start_blocks"] - 2
+    assert summary["latency_ratio"] < 1
+    assert summary["final_latency"] == pytest.approx(rows[-1]["latency_after"])
+    assert (whole / "evolution.png").stat().st_size > 0
+    pipe = TextToImage.from_pretrained(whole / "model")
+    assert pipe.unet.spec.num_blocks == summary["blocks"]
+    images = pipe(["a red circle"], num_steps=2, seed=0)
+    assert images.shape == (1, 8, 8, 3)
+
+    # One round, then the same command asked for two: the second round starts from the
+    # checkpointed spec and state and takes the uninterrupted run's action.
+    parts = tmp_path / "parts"
+    run_evolution(evolve_config(tiny_teacher, 1), str(parts))
+    resumed = run_evolution(evolve_config(tiny_teacher, 2), str(parts))
+    again = [json.loads(line) for line in (parts / "evolution.jsonl").read_text().splitlines()]
+    assert [(r["round"], r["action"], r["block"]) for r in again] == \
+        [(r["round"], r["action"], r["block"]) for r in rows]
+    assert again[-1]["quality/neg_loss"] == pytest.approx(rows[-1]["quality/neg_loss"], rel=1e-5)
+    assert resumed["blocks"] == summary["blocks"]
