@@ -133,7 +133,8 @@ def _robust_step(per_example=True):
         inputs=functools.partial(steps.cached_inputs, caption_dropout=0.0), optimizer=tx,
         ema_decay=0.9, block_mask=mask_fn))
     x = jax.random.normal(jax.random.key(1), (6, 4, 4, 4))
-    init = lambda k: {"unet": unet.init(k, x, None, None, jnp.ones((6, TINY.num_blocks)))["params"]}  # noqa
+    mask = jnp.ones((6, TINY.num_blocks))
+    init = lambda k: {"unet": unet.init(k, x, None, None, mask)["params"]}  # noqa: E731
     state = init_state(init, tx, jax.random.key(0))
     batch = {"latent": x, "context": jnp.ones((6, 2, 8))}
     frozen = {"empty_context": jnp.zeros((1, 2, 8))}
@@ -256,7 +257,8 @@ def _robust_config(*overrides):
 @pytest.mark.parametrize("override, key", [
     ("--config.robust.keep_prob_attention=0", "robust.keep_prob_attention=0.0"),
     ("--config.robust.keep_prob_resnet=1.2", "robust.keep_prob_resnet=1.2"),
-    ("--config.robust.stage_keep_prob_attention=(0.5, -1)", r"robust.stage_keep_prob_attention\[1\]"),
+    ("--config.robust.stage_keep_prob_attention=(0.5, -1)",
+     r"robust.stage_keep_prob_attention\[1\]=-1"),
     ("--config.robust.stage_keep_prob_resnet=(0.5, 0.5, 0.5)",
      "robust.stage_keep_prob_resnet has 3 entries but the UNet has 2 stages"),
 ])
