@@ -1,7 +1,7 @@
 """Time one VAE decoder forward, the teacher against its pruned student, in JAX and PyTorch.
 
-CPU (what docs/BENCHMARKS.md records):
-  python bench/decoder_step.py --batch-sizes 1 8 --iters 1 --repeats 1 --warmup 1 \
+CPU (docs/BENCHMARKS.md, "Pruned decoder", has the runs and their exact flags):
+  python bench/decoder_step.py --batch-sizes 1 --iters 1 --repeats 3 --warmup 1 \
       --jax-dtype fp32 --device-check off --out decoder_step.json
 GPU:
   python bench/decoder_step.py --batch-sizes 1 8 --out decoder_step.json
