@@ -12,8 +12,9 @@ per unit of latency is smallest, until the UNet costs at most 60% of the teacher
 Quality: minus the denoising loss on 64 fixed held-out world images (``denoise``): on the
 world it ranks blocks far more stably than reader accuracy of 64 samples, whose sampling noise
 (about +-0.06 all-correct) is larger than most blocks' effect; ``--config.evolve.quality=world``
-scores by reader accuracy of 8-step samples instead. One block per action, 40 robust steps
-after each.
+scores by reader accuracy of 8-step samples instead. One block per action, 100 robust steps
+after each and 400 after the last (with 40 and none, the evolved UNet lost 0.11 all-correct
+accuracy at 50 steps: docs/evolution.md).
 """
 
 import ml_collections
@@ -28,6 +29,7 @@ def get_config(arg: str = "cpu") -> ml_collections.ConfigDict:
     config = base_config(__file__, "world_robust.py", arg)
     config.teacher_pipeline = "runs/world/robust/model"
     config.evolve = as_config(EvolveConfig(
-        rounds=16, train_steps_per_round=40, target_latency=0.6, latency_source="macs",
+        rounds=16, train_steps_per_round=100, final_train_steps=400, target_latency=0.6,
+        latency_source="macs",
         group_size=1, quality="denoise", num_prompts=64, sample_steps=8, guidance_scale=4.0))
     return config

@@ -32,6 +32,8 @@ class EvolveConfig:
 
     rounds: at most this many evolution rounds (each: score, act, then robust-train).
     train_steps_per_round: robust-training steps after each action (the paper's "every K").
+    final_train_steps: robust-training steps after the last action, before the export (the
+      last blocks removed get more than one round's recovery).
     target_latency: the goal, as a fraction of the starting UNet's latency by the table.
     latency_source: "macs", "measured" or a JSON table (:mod:`snapjax.evolve.latency`).
     group_size: blocks removed (or duplicated) per action; the paper acts in groups.
@@ -48,6 +50,7 @@ class EvolveConfig:
 
     rounds: int = 12
     train_steps_per_round: int = 50
+    final_train_steps: int = 0
     target_latency: float = 0.6
     latency_source: str = "macs"
     group_size: int = 1
@@ -65,9 +68,10 @@ class EvolveConfig:
         if self.rule not in RULES:
             raise ValueError(f"evolve.rule={self.rule!r}: expected one of {RULES}")
         if self.rounds < 1 or self.group_size < 1 or self.num_prompts < 1 \
-                or self.sample_steps < 1 or self.train_steps_per_round < 0:
+                or self.sample_steps < 1 or self.train_steps_per_round < 0 \
+                or self.final_train_steps < 0:
             raise ValueError("evolve.rounds, group_size, num_prompts and sample_steps must be "
-                             ">= 1 and train_steps_per_round >= 0")
+                             ">= 1, train_steps_per_round and final_train_steps >= 0")
         if not 0.0 < self.target_latency <= 1.0:
             raise ValueError(f"evolve.target_latency={self.target_latency} must be a fraction "
                              "of the starting latency in (0, 1]")

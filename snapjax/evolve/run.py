@@ -142,13 +142,14 @@ def run_evolution(config: ml_collections.ConfigDict, workdir: str) -> dict:
                 state, _ = state_lib.create_sharded_state(
                     objective.init_params, start_setup.optimizer, init_rng, mesh, mesh_cfg,
                     objective.pretrained)
-                spec, done_round, round_end = start_spec, -1, 0
+                spec, done_round, round_end, final = start_spec, -1, 0, False
                 rows_path.write_text("")
                 trainer = None
             else:
                 saved = checkpointer.saved_config(latest)[STATE_KEY]
                 spec = UNetSpec.from_dict(saved["spec"])
                 done_round, round_end = saved["round"], saved["round_end_step"]
+                final = saved.get("final", False)
                 trainer = _SpecTrainer(config, spec)
                 state = checkpointer.restore(latest, trainer.abstract_state, data)
                 _truncate_rows(rows_path, done_round)
@@ -158,7 +159,7 @@ def run_evolution(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
             def save(round_index: int) -> None:
                 meta = {"spec": dataclasses.asdict(spec), "round": round_index,
-                        "round_end_step": round_end}
+                        "round_end_step": round_end, "final": final}
                 checkpointer.save(int(state.step), state, data, {**base_json, STATE_KEY: meta})
 
             def train_until(end_step: int, desc: str) -> bool:
@@ -186,7 +187,7 @@ def run_evolution(config: ml_collections.ConfigDict, workdir: str) -> dict:
             # A run killed during a round's training finishes that training first.
             if trainer is not None and train_until(round_end, f"robust r{done_round}"):
                 return {"preempted": True}
-            for r in range(done_round + 1, cfg.rounds):
+            for r in range(done_round + 1, cfg.rounds if not final else 0):
                 table = table_for(spec)
                 result = evolution.evolution_round(
                     r, spec, state.ema_params["unet"], unet=UNet(spec), measure=measure,
@@ -207,6 +208,12 @@ def run_evolution(config: ml_collections.ConfigDict, workdir: str) -> dict:
                 if train_until(round_end, f"robust r{r}"):
                     return {"preempted": True}
                 save(r)
+            if not final and cfg.final_train_steps:
+                trainer = trainer or _SpecTrainer(config, spec)
+                final, round_end = True, int(state.step) + cfg.final_train_steps
+                if train_until(round_end, "robust final"):
+                    return {"preempted": True}
+                save(done_round)
             checkpointer.wait()
             final = measure(UNet(spec), state.ema_params["unet"],
                             np.ones(spec.num_blocks, np.float32))

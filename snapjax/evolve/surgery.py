@@ -154,7 +154,9 @@ def _duplicate_subtree(edit: Edit, source: dict, zeros: bool) -> dict:
         if zeros:
             value = jnp.zeros(want.shape, want.dtype)
         elif same:
-            value = jnp.asarray(have)
+            # A copy, not the source's buffer: a train state holding one buffer twice cannot
+            # be donated to the next step.
+            value = jnp.array(have, copy=True)
             if edit.init == "zero" and path[0] == _LAST_LAYER[kind]:
                 value = jnp.zeros_like(value)
         else:

@@ -129,6 +129,10 @@ def test_train_state_follows_the_surgery():
             assert all(float(jnp.abs(x).max()) == 0 for x in jax.tree.leaves(mu["mid_attn_1"]))
             assert float(jnp.abs(mu["mid_attn_2"]["proj_out"]["kernel"]).max()) > 0
         assert int(new.step) == int(state.step)
+        # Every leaf its own buffer: the next step donates the state.
+        pointers = [x.unsafe_buffer_pointer() for x in jax.tree.leaves(new)
+                    if isinstance(x, jax.Array)]
+        assert len(pointers) == len(set(pointers)), edit.action
 
 
 def test_bad_actions_are_refused_clearly():
