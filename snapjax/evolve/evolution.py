@@ -39,10 +39,15 @@ class EvolveConfig:
     group_size: blocks removed (or duplicated) per action; the paper acts in groups.
     duplicate: once under the target, duplicate the most valuable blocks while it holds.
     duplicate_init: "zero" (the copy starts silent) or "copy".
-    quality: "world" (reader accuracy of DDIM samples) or "denoise" (minus the loss on a
-      fixed batch); see :mod:`snapjax.evolve.quality`.
+    quality: "world" (reader accuracy of DDIM samples), "denoise" (minus the loss on a
+      fixed batch) or "clip" (CLIP score of DDIM samples of a prompts file); see
+      :mod:`snapjax.evolve.quality`.
     num_prompts / sample_steps / guidance_scale / seed: the fixed validation set of the
-      quality measure (prompts and sampling for "world", batch size for "denoise").
+      quality measure (prompts and sampling for "world" and "clip", batch size for "denoise";
+      for "clip", a seeded subset of num_prompts lines of prompts_file).
+    clip_model: quality "clip": a local transformers CLIP model folder (never downloaded).
+    prompts_file: quality "clip": a UTF-8 text file, one prompt per line.
+    batch_size: quality "clip": prompts sampled (and decoded) at a time.
     rule: how blocks are ranked: "value" (dQuality / dLatency, the paper's), or the naive
       baselines "cheapest" (lowest latency first) and "random" (seeded by seed and round),
       which still measure quality each round but ignore it when choosing.
@@ -62,6 +67,9 @@ class EvolveConfig:
     guidance_scale: float = 4.0
     seed: int = 0
     rule: str = "value"
+    clip_model: str = ""
+    prompts_file: str = ""
+    batch_size: int = 16
 
     def __post_init__(self):
         from snapjax.evolve.quality import MEASURES
@@ -69,14 +77,20 @@ class EvolveConfig:
             raise ValueError(f"evolve.rule={self.rule!r}: expected one of {RULES}")
         if self.rounds < 1 or self.group_size < 1 or self.num_prompts < 1 \
                 or self.sample_steps < 1 or self.train_steps_per_round < 0 \
-                or self.final_train_steps < 0:
-            raise ValueError("evolve.rounds, group_size, num_prompts and sample_steps must be "
-                             ">= 1, train_steps_per_round and final_train_steps >= 0")
+                or self.final_train_steps < 0 or self.batch_size < 1:
+            raise ValueError("evolve.rounds, group_size, num_prompts, sample_steps and "
+                             "batch_size must be >= 1, train_steps_per_round and "
+                             "final_train_steps >= 0")
         if not 0.0 < self.target_latency <= 1.0:
             raise ValueError(f"evolve.target_latency={self.target_latency} must be a fraction "
                              "of the starting latency in (0, 1]")
         if self.quality not in MEASURES:
             raise ValueError(f"evolve.quality={self.quality!r}: expected one of {MEASURES}")
+        if self.quality == "clip" and not (self.clip_model and self.prompts_file):
+            missing = [k for k in ("clip_model", "prompts_file") if not getattr(self, k)]
+            raise ValueError(f"evolve.quality='clip' needs evolve.clip_model (a local CLIP model "
+                             "folder) and evolve.prompts_file (one prompt per line); missing: "
+                             f"{', '.join('evolve.' + k for k in missing)}")
         if self.duplicate_init not in surgery.INITS:
             raise ValueError(f"evolve.duplicate_init={self.duplicate_init!r}: expected one of "
                              f"{surgery.INITS}")

@@ -10,9 +10,9 @@ argument of one compiled sampler, so scoring every block of a round compiles not
   ``denoise``  minus the denoising loss (the objective's own prediction type) on a fixed batch
                of encoded world images, noise and timesteps: cheap, and far less noisy per
                prompt than sampling, so smaller validation sets rank blocks.
-
-Real scale (CLIP score with a local CLIP model, the paper's 2K COCO prompts, 50 steps, CFG
-7.5) plugs in the same way once ``snapjax eval`` brings the CLIP model in (issue 11).
+  ``clip``     mean CLIP score (:mod:`snapjax.eval.clip_score`, a local CLIP folder) of DDIM
+               samples (with guidance) of fixed prompts from a file: the paper's measure at
+               real scale (2K COCO validation captions, 50 steps, CFG 7.5). Any data source.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from snapjax import sampling
 from snapjax.diffusion.parametrization import add_noise, from_x_eps
 from snapjax.diffusion.schedule import NoiseSchedule, alpha_sigma, alphas_cumprod
 
-MEASURES = ("world", "denoise")
+MEASURES = ("world", "denoise", "clip")
 
 
 @dataclasses.dataclass
@@ -117,12 +117,95 @@ class DenoiseQuality:
         return {"neg_loss": -loss, "loss": loss}
 
 
+@dataclasses.dataclass
+class ClipScoreQuality:
+    """Mean CLIP score (0 to 100) of DDIM samples (with guidance) of fixed prompts.
+
+    Prompts go through the sampler ``batch_size`` at a time (the last chunk padded with copies,
+    so one compiled sampler serves every chunk and every mask); prompt i's noise is
+    ``initial_noise(seed, ...)``'s example i whatever the chunking. The CLIP text features
+    are computed once; CLIP scores a chunk on the host while the device samples the next.
+    ``clip_cosine`` beside: the mean unclamped cosine (the paper's scale when none is negative).
+    """
+
+    text_encoder: object
+    text_params: object
+    vae: object
+    vae_params: object
+    schedule: NoiseSchedule
+    tokenizer: object  # the diffusion model's, for its text encoder
+    scorer: object  # snapjax.eval.clip_score.ClipScorer
+    prompts: list[str]
+    sample_size: int  # latent side
+    num_steps: int = 50
+    guidance_scale: float = 7.5
+    batch_size: int = 16
+    seed: int = 0
+    key: str = "clip_score"
+
+    def __post_init__(self):
+        if not self.prompts or self.batch_size < 1:
+            raise ValueError(f"ClipScoreQuality needs prompts ({len(self.prompts)} given) and "
+                             f"batch_size >= 1 ({self.batch_size})")
+        ids = np.asarray(self.tokenizer(self.prompts), np.int32)
+        pad = -len(self.prompts) % self.batch_size
+        self._ids = np.concatenate([ids, np.repeat(ids[-1:], pad, axis=0)])
+        empty = np.asarray(self.tokenizer([""]), np.int32)
+        self._uncond = sampling.encode_text(self.text_encoder, self.text_params, empty)
+        self._text_feats = np.asarray(self.scorer.text_features(self.prompts), np.float64)
+
+    def _images(self, unet, unet_params, mask, start: int) -> jax.Array:
+        bs = self.batch_size
+        ctx = sampling.encode_text(self.text_encoder, self.text_params,
+                                   self._ids[start:start + bs])
+        noise = sampling.initial_noise(self.seed, bs, (self.sample_size, self.sample_size),
+                                       unet.spec.in_channels, first_index=start)
+        latents = sampling.ddim_latents(unet, unet_params, noise, ctx, self._uncond,
+                                        schedule=self.schedule, num_steps=self.num_steps,
+                                        guidance_scale=self.guidance_scale, block_mask=mask)
+        return sampling.to_uint8(sampling.decode(self.vae, self.vae_params, latents))
+
+    def _cosine(self, images, start: int) -> np.ndarray:
+        stop = min(start + self.batch_size, len(self.prompts))
+        feats = self.scorer.image_features(sampling.host_array(images)[:stop - start])
+        return np.sum(np.asarray(feats, np.float64) * self._text_feats[start:stop], axis=-1)
+
+    def __call__(self, unet, unet_params, block_mask) -> dict[str, float]:
+        from snapjax.eval.clip_score import scores_from_cosine
+        mask = jnp.asarray(block_mask, jnp.float32)
+        cos, pending = [], None
+        for start in range(0, len(self.prompts), self.batch_size):
+            images = self._images(unet, unet_params, mask, start)  # dispatched, not awaited
+            if pending is not None:
+                cos.append(self._cosine(*pending))
+            pending = (images, start)
+        cos.append(self._cosine(*pending))
+        cos = np.concatenate(cos)
+        return {"clip_score": float(scores_from_cosine(cos).mean()),
+                "clip_cosine": float(cos.mean())}
+
+
 def build_measure(kind: str, *, text_encoder, text_params, vae, vae_params, tokenizer,
-                  schedule: NoiseSchedule, world, num_prompts: int, num_steps: int,
-                  guidance_scale: float, seed: int):
-    """The measure ``kind`` ("world" or "denoise") on ``num_prompts`` held-out world items."""
+                  schedule: NoiseSchedule, world=None, num_prompts: int, num_steps: int,
+                  guidance_scale: float, seed: int, clip_model: str = "",
+                  prompts: list[str] | None = None, sample_size: int | None = None,
+                  batch_size: int = 16):
+    """The measure ``kind``: "world" or "denoise" on ``num_prompts`` held-out items of
+    ``world``; "clip" on ``prompts`` (already the subset to use) with the CLIP model folder
+    ``clip_model``, sampling ``sample_size`` latents ``batch_size`` prompts at a time."""
     if kind not in MEASURES:
         raise ValueError(f"quality measure {kind!r}: expected one of {MEASURES}")
+    if kind == "clip":
+        if not clip_model or not prompts or not sample_size:
+            raise ValueError("quality measure 'clip' needs clip_model (a CLIP model folder), "
+                             "prompts and sample_size (the latent side)")
+        from snapjax.eval.clip_score import ClipScorer
+        return ClipScoreQuality(text_encoder, text_params, vae, vae_params, schedule, tokenizer,
+                                ClipScorer.from_folder(clip_model), list(prompts), sample_size,
+                                num_steps=num_steps, guidance_scale=guidance_scale,
+                                batch_size=batch_size, seed=seed)
+    if world is None:
+        raise ValueError(f"quality measure {kind!r} scores on the embedded world: pass world")
     if kind == "world":
         return WorldSampleQuality(text_encoder, text_params, vae, vae_params, schedule, world,
                                   tokenizer, num_prompts=num_prompts, num_steps=num_steps,

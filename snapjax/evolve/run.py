@@ -52,21 +52,42 @@ def config_for_spec(config: ml_collections.ConfigDict, spec: UNetSpec) -> ml_col
     return out
 
 
-def _measure(config, cfg: EvolveConfig, data, schedule):
-    """The quality measure of ``cfg.quality`` on fixed held-out world data."""
-    from snapjax.models.tokenizer import Tokenizer
+def _clip_inputs(cfg: EvolveConfig) -> list[str] | None:
+    """Quality "clip": the prompts subset, with the CLIP folder checked (before any model
+    loads, so a wrong path fails in seconds); None for the other measures."""
+    if cfg.quality != "clip":
+        return None
+    from snapjax.eval.clip_score import check_folder, read_prompts
+    try:
+        check_folder(cfg.clip_model)
+        return read_prompts(cfg.prompts_file, cfg.num_prompts, seed=cfg.seed)
+    except ValueError as e:
+        raise ConfigError(f"evolve.clip_model / evolve.prompts_file: {e}") from None
+
+
+def _measure(config, cfg: EvolveConfig, data, schedule, prompts: list[str] | None):
+    """The quality measure of ``cfg.quality``: on fixed held-out world data ("world",
+    "denoise"), or CLIP score of samples of ``prompts`` ("clip", any data source)."""
+    from snapjax.train.objectives.components import load_tokenizer
     dcfg = config.diffusion
-    if data.source != "world":
-        raise ConfigError(f"evolve.quality={cfg.quality!r} scores on the embedded world; "
-                          f"data.source={data.source!r} needs a CLIP-score measure (not built)")
+    if cfg.quality != "clip" and data.source != "world":
+        raise ConfigError(f"evolve.quality={cfg.quality!r} scores on the embedded world; with "
+                          f"data.source={data.source!r} use evolve.quality='clip' (with "
+                          "evolve.clip_model and evolve.prompts_file)")
+    if not dcfg.vae:
+        raise ConfigError(f"evolve.quality={cfg.quality!r} decodes samples: set diffusion.vae")
     text, text_params = pretrained.load_component(dcfg.text_encoder, "text_encoder")
     vae, vae_params = pretrained.load_component(dcfg.vae, "vae")
-    tokenizer = Tokenizer.from_folder(dcfg.tokenizer, max_length=text.spec.max_length)
+    tokenizer = load_tokenizer(dcfg.tokenizer, text.spec.max_length)
+    world = (dataclasses.replace(data.world, resolution=data.resolution)
+             if data.source == "world" else None)
     return build_measure(cfg.quality, text_encoder=text, text_params=text_params, vae=vae,
                          vae_params=vae_params, tokenizer=tokenizer, schedule=schedule,
-                         world=dataclasses.replace(data.world, resolution=data.resolution),
-                         num_prompts=cfg.num_prompts, num_steps=cfg.sample_steps,
-                         guidance_scale=cfg.guidance_scale, seed=cfg.seed)
+                         world=world, num_prompts=cfg.num_prompts, num_steps=cfg.sample_steps,
+                         guidance_scale=cfg.guidance_scale, seed=cfg.seed,
+                         clip_model=cfg.clip_model, prompts=prompts,
+                         sample_size=data.resolution // vae.spec.downsample_factor,
+                         batch_size=cfg.batch_size)
 
 
 class _SpecTrainer:
@@ -106,6 +127,7 @@ def run_evolution(config: ml_collections.ConfigDict, workdir: str) -> dict:
     workdir = epath.Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     cfg = from_config(EvolveConfig, config.evolve, "evolve")
+    prompts = _clip_inputs(cfg)
     if not config.robust.enabled:
         log.warning("config.robust.enabled is False: evolution without robust training")
     if not config.diffusion.unet_init:
@@ -121,7 +143,7 @@ def run_evolution(config: ml_collections.ConfigDict, workdir: str) -> dict:
     start_latency = latency_lib.unet_cost(start_spec, start_table)
     target = cfg.target_latency * start_latency
     evolution.check_target(start_spec, start_table, target)
-    measure = _measure(config, cfg, data_cfg, schedule)
+    measure = _measure(config, cfg, data_cfg, schedule, prompts)
 
     mesh, mesh_cfg = start_setup.mesh, start_setup.mesh_cfg
     ckpt_cfg = from_config(ckpt_lib.CheckpointConfig, config.checkpoint, "checkpoint")

@@ -12,6 +12,7 @@ from snapjax.evolve import evolution
 from snapjax.evolve.evolution import EvolveConfig
 from snapjax.evolve.latency import latency_table, unet_cost
 from snapjax.models.unet_spec import TINY
+from tests.evolve.tiny_world import tiny_world_pipeline
 from tests.train.conftest import REPO
 
 
@@ -85,7 +86,7 @@ def test_unreachable_target_names_the_best_latency():
 
 @pytest.mark.parametrize("key, value, message", [
     ("target_latency", 0.0, "target_latency"), ("target_latency", 1.5, "target_latency"),
-    ("quality", "clip", "evolve.quality"), ("duplicate_init", "noise", "duplicate_init"),
+    ("quality", "fid", "evolve.quality"), ("duplicate_init", "noise", "duplicate_init"),
     ("rounds", 0, "rounds"),
 ])
 def test_bad_evolve_config(key, value, message):
@@ -98,43 +99,8 @@ def test_bad_evolve_config(key, value, message):
 @pytest.fixture(scope="module")
 def tiny_teacher(tmp_path_factory):
     """A random-weight world pipeline folder at 8x8 images (latents 4x4), built from shapes."""
-    from snapjax import pretrained
-    from snapjax.data.world import world_tokenizer_folder
-    from snapjax.diffusion.schedule import NoiseSchedule
-    from snapjax.models.text_encoder import TextEncoderSpec
-    from snapjax.models.tokenizer import Tokenizer
-    from snapjax.models.vae import VAESpec
-    from snapjax.pipeline import TextToImage
-
-    vocab = len(json.loads((world_tokenizer_folder() / "vocab.json").read_text()))
-    text_spec = TextEncoderSpec(vocab_size=vocab, max_length=24, width=16, layers=1, heads=2,
-                                mlp_dim=32)
-    vae_spec = VAESpec(encoder_channels=(8, 8), decoder_channels=(8, 8), layers_per_block=1,
-                       norm_groups=4, mid_attention=False)
-    unet_spec = dataclasses.replace(TINY, block_channels=(16, 32), context_dim=16,
-                                    norm_groups=4, down=(("RA",), ("RA",)),
-                                    up=(("RA", "RA"), ("RA", "RA")))
-    rs = np.random.default_rng(0)
-
-    def weights(kind, spec):
-        def leaf(path, x):
-            if path[-1].key in ("kernel", "embedding"):
-                fan_in = int(np.prod(x.shape[:-1])) if path[-1].key == "kernel" else 1
-                return rs.normal(0, fan_in ** -0.5, x.shape).astype(np.float32)
-            base = 1.0 if path[-1].key == "scale" else 0.0
-            return (base + rs.normal(0, 0.05, x.shape)).astype(np.float32)
-        import jax
-        return jax.tree_util.tree_map_with_path(leaf, pretrained.abstract_params(kind, spec))
-
-    pipe = TextToImage(
-        unet=pretrained.build_module("unet", unet_spec), unet_params=weights("unet", unet_spec),
-        vae=pretrained.build_module("vae", vae_spec), vae_params=weights("vae", vae_spec),
-        text_encoder=pretrained.build_module("text_encoder", text_spec),
-        text_encoder_params=weights("text_encoder", text_spec),
-        tokenizer=Tokenizer.from_folder(world_tokenizer_folder(), max_length=24),
-        schedule=NoiseSchedule(prediction_type="v_prediction"), sample_size=4)
     folder = tmp_path_factory.mktemp("teacher") / "model"
-    pipe.save_pretrained(folder)
+    tiny_world_pipeline().save_pretrained(folder)
     return folder
 
 
@@ -143,6 +109,9 @@ def evolve_config(teacher, rounds):
         f"--config.teacher_pipeline={teacher}", "--config.data.resolution=8",
         "--config.data.num_threads=1", "--config.train.batch_size=4",
         "--config.train.progress_bar=false", "--config.evolve.train_steps_per_round=2",
+        # No final phase: a run that finished it takes no more rounds, and the resume below
+        # asks the one-round run for a second.
+        "--config.evolve.final_train_steps=0",
         f"--config.evolve.rounds={rounds}", "--config.evolve.num_prompts=8",
         "--config.evolve.target_latency=0.75", "--config.opt.warmup_steps=0"])
 
