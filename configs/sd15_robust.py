@@ -11,9 +11,8 @@ random: each runs with probability 0.9 and an independent mask per example (the 
 probabilities; 0.9 at SD's 38 blocks drops about four per example and step). The step costs what
 the plain one costs: dropping is a mask, not a different program.
 
-Evolution at this scale scores blocks by CLIP score on 2K COCO prompts (50 DDIM steps, CFG 7.5):
-that measure comes with ``snapjax eval``'s CLIP model (issue 11); until then ``snapjax evolve``
-runs on the embedded world only (configs/world_evolve.py) and refuses other data.
+Evolution at this scale (configs/sd15_evolve.py) interleaves this training with rounds that
+score blocks by CLIP score on 2K COCO prompts (50 DDIM steps, CFG 7.5) with a local CLIP model.
 """
 
 import ml_collections

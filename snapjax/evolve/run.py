@@ -209,7 +209,9 @@ def run_evolution(config: ml_collections.ConfigDict, workdir: str) -> dict:
             # A run killed during a round's training finishes that training first.
             if trainer is not None and train_until(round_end, f"robust r{done_round}"):
                 return {"preempted": True}
-            for r in range(done_round + 1, cfg.rounds if not final else 0):
+            # A finished run asked for more rounds evolves on; its final training then runs
+            # again after the new last action.
+            for r in range(done_round + 1, cfg.rounds):
                 table = table_for(spec)
                 result = evolution.evolution_round(
                     r, spec, state.ema_params["unet"], unet=UNet(spec), measure=measure,
@@ -224,6 +226,7 @@ def run_evolution(config: ml_collections.ConfigDict, workdir: str) -> dict:
                     break
                 spec, state = evolution.apply_actions(state, spec, result.actions,
                                                       cfg.duplicate_init)
+                final = False
                 trainer = _SpecTrainer(config, spec)
                 state = jax.device_put(state, trainer.state_shardings)
                 done_round, round_end = r, int(state.step) + cfg.train_steps_per_round
@@ -237,8 +240,8 @@ def run_evolution(config: ml_collections.ConfigDict, workdir: str) -> dict:
                     return {"preempted": True}
                 save(done_round)
             checkpointer.wait()
-            final = measure(UNet(spec), state.ema_params["unet"],
-                            np.ones(spec.num_blocks, np.float32))
+            final_quality = measure(UNet(spec), state.ema_params["unet"],
+                                    np.ones(spec.num_blocks, np.float32))
             trainer = trainer or _SpecTrainer(config, spec)
             trainer.setup.objective.export(state, workdir / "model")
     finally:
@@ -250,7 +253,7 @@ def run_evolution(config: ml_collections.ConfigDict, workdir: str) -> dict:
         "start_latency": start_latency, "final_latency": final_latency,
         "target_latency": target, "latency_ratio": final_latency / start_latency,
         "unit": start_table.unit, "source": cfg.latency_source, "rule": cfg.rule,
-        "final_quality": final, "blocks": spec.num_blocks, "start_blocks": start_spec.num_blocks,
+        "final_quality": final_quality, "blocks": spec.num_blocks, "start_blocks": start_spec.num_blocks,
         "seconds": time.perf_counter() - t_start}
     if jax.process_index() == 0:
         (workdir / "evolved_spec.json").write_text(spec.to_json() + "\n")

@@ -19,7 +19,7 @@ import numpy as np
 
 from snapjax.evolve.evolution import score_blocks
 from snapjax.evolve.latency import latency_table
-from snapjax.evolve.quality import MEASURES, build_measure
+from snapjax.evolve.quality import build_measure
 
 
 def block_drop_scores(pipe, world, *, quality: str = "world", num_prompts: int = 256,
@@ -78,7 +78,8 @@ def format_scores(result: dict) -> str:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, help="a world pipeline folder")
-    parser.add_argument("--quality", default="world", choices=MEASURES)
+    # The world's own measures; CLIP score needs a CLIP folder and prompts (snapjax evolve).
+    parser.add_argument("--quality", default="world", choices=("world", "denoise"))
     parser.add_argument("--num-prompts", type=int, default=256)
     parser.add_argument("--steps", type=int, default=8, help="DDIM steps (quality=world)")
     parser.add_argument("--guidance", type=float, default=4.0)
