@@ -113,10 +113,31 @@ def evolve_config(teacher, rounds):
         # asks the one-round run for a second.
         "--config.evolve.final_train_steps=0",
         f"--config.evolve.rounds={rounds}", "--config.evolve.num_prompts=8",
-        "--config.evolve.target_latency=0.75", "--config.opt.warmup_steps=0"])
+        "--config.evolve.target_latency=0.75", "--config.opt.warmup_steps=0",
+        # The denoising-loss measure: no attribute reader to train for a random teacher.
+        "--config.evolve.quality=denoise"])
 
 
-def test_evolve_end_to_end_and_resume(tiny_teacher, tmp_path):
+@pytest.fixture
+def compile_cache(tmp_path):
+    """A persistent XLA cache for this test only: the resumed run compiles the programs the
+    uninterrupted one did (the same specs), and on a 2-core CPU compiling is the cost."""
+    import jax
+    from jax.experimental.compilation_cache import compilation_cache
+    keys = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
+            "jax_persistent_cache_min_entry_size_bytes")
+    saved = {k: getattr(jax.config, k) for k in keys}
+    compilation_cache.reset_cache()  # earlier tests may have initialised it without a folder
+    jax.config.update(keys[0], str(tmp_path / "xla_cache"))
+    jax.config.update(keys[1], 0)
+    jax.config.update(keys[2], 0)
+    yield
+    compilation_cache.reset_cache()
+    for k, v in saved.items():
+        jax.config.update(k, v)
+
+
+def test_evolve_end_to_end_and_resume(tiny_teacher, tmp_path, compile_cache):
     from snapjax.evolve.run import run_evolution
     from snapjax.pipeline import TextToImage
 
