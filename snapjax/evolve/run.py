@@ -25,7 +25,6 @@ import logging
 import time
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from etils import epath
@@ -253,7 +252,8 @@ def run_evolution(config: ml_collections.ConfigDict, workdir: str) -> dict:
         "start_latency": start_latency, "final_latency": final_latency,
         "target_latency": target, "latency_ratio": final_latency / start_latency,
         "unit": start_table.unit, "source": cfg.latency_source, "rule": cfg.rule,
-        "final_quality": final_quality, "blocks": spec.num_blocks, "start_blocks": start_spec.num_blocks,
+        "final_quality": final_quality, "blocks": spec.num_blocks,
+        "start_blocks": start_spec.num_blocks,
         "seconds": time.perf_counter() - t_start}
     if jax.process_index() == 0:
         (workdir / "evolved_spec.json").write_text(spec.to_json() + "\n")

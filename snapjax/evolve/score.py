@@ -55,22 +55,25 @@ def block_drop_scores(pipe, world, *, quality: str = "world", num_prompts: int =
             "latency_gflop": dict(table)}
 
 
+def _sd(values: np.ndarray) -> float:
+    return float(values.std(ddof=1)) if len(values) > 1 else 0.0
+
+
 def format_scores(result: dict) -> str:
     key = result["key"]
     full = np.asarray(result["full"][key])
-    lines = [f"{key} of the full UNet: {full.mean():.4f} +- {full.std(ddof=1) if len(full) > 1 else 0:.4f} "
-             f"({len(full)} seeds x {result['num_prompts']} prompts)",
-             f"{'block':<18}{'GFLOP':>9}{'drop (mean)':>13}{'sd':>9}"]
+    lines = [f"{key} of the full UNet: {full.mean():.4f} +- {_sd(full):.4f} "
+             f"({len(full)} seeds x {result['num_prompts']} prompts)"]
     for k, v in result["full"].items():
         if k != key:
-            v = np.asarray(v)
-            lines.insert(1, f"  {k}: {v.mean():.4f} +- {v.std(ddof=1) if len(v) > 1 else 0:.4f}")
-    if not any(result["drop"].values()):
-        return "\n".join(lines[:-1])
+            lines.append(f"  {k}: {np.mean(v):.4f} +- {_sd(np.asarray(v)):.4f}")
+    if not result["drop"]:
+        return "\n".join(lines)
+    lines.append(f"{'block':<18}{'GFLOP':>9}{'drop (mean)':>13}{'sd':>9}")
     for name, values in result["drop"].items():
         v = np.asarray(values)
         lines.append(f"{name:<18}{result['latency_gflop'][name]:>9.4f}{v.mean():>13.4f}"
-                     f"{v.std(ddof=1) if len(v) > 1 else 0:>9.4f}")
+                     f"{_sd(v):>9.4f}")
     drops = np.asarray(list(result["drop"].values()))
     lines.append(f"{'mean over blocks':<27}{drops.mean():>13.4f}")
     return "\n".join(lines)

@@ -165,3 +165,23 @@ def test_evolve_end_to_end_and_resume(tiny_teacher, tmp_path, compile_cache):
         [(r["round"], r["action"], r["block"]) for r in rows]
     assert again[-1]["quality/neg_loss"] == pytest.approx(rows[-1]["quality/neg_loss"], rel=1e-5)
     assert resumed["blocks"] == summary["blocks"]
+
+
+def test_score_blocks_reports_every_block_over_seeds(tiny_teacher, tmp_path, capsys):
+    from snapjax import cli
+    out = tmp_path / "scores.json"
+    assert cli.main(["score-blocks", "--model", str(tiny_teacher), "--quality", "denoise",
+                     "--num-prompts", "8", "--seeds", "0", "1", "--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    from snapjax.pipeline import TextToImage
+    names = TextToImage.from_pretrained(tiny_teacher).unet.spec.block_names()
+    assert list(result["drop"]) == list(names)
+    assert all(len(v) == 2 and np.isfinite(v).all() for v in result["drop"].values())
+    assert len(set(result["full"]["neg_loss"])) == 2  # two seeds, two validation batches
+    assert any(abs(np.mean(v)) > 0 for v in result["drop"].values())
+    printed = capsys.readouterr().out
+    assert "neg_loss of the full UNet" in printed and all(n in printed for n in names)
+    assert cli.main(["score-blocks", "--model", str(tiny_teacher), "--quality", "denoise",
+                     "--num-prompts", "8", "--seeds", "0", "--no-blocks", "--json",
+                     str(out)]) == 0
+    assert json.loads(out.read_text())["drop"] == {}
