@@ -76,10 +76,9 @@ class WorldSampleQuality:
                 "frechet_distance": scores["frechet_distance"]}
 
 
-@functools.partial(jax.jit, static_argnames=("unet", "prediction_type"))
-def _denoise_loss(unet, params, z_BhwC, t_B, ctx_BLD, target_BhwC, block_mask, *,
-                  prediction_type: str):
-    del prediction_type  # the target already is in the prediction type; kept for the cache key
+@functools.partial(jax.jit, static_argnames="unet")
+def _denoise_loss(unet, params, z_BhwC, t_B, ctx_BLD, target_BhwC, block_mask):
+    # The target is already in the schedule's prediction type (computed once, outside jit).
     pred = unet.apply({"params": params}, z_BhwC, t_B, ctx_BLD, block_mask)
     return jnp.mean(jnp.square(pred - target_BhwC))
 
@@ -112,8 +111,7 @@ class DenoiseQuality:
 
     def __call__(self, unet, unet_params, block_mask) -> dict[str, float]:
         loss = float(_denoise_loss(unet, unet_params, self._z, self._t, self._ctx, self._target,
-                                   jnp.asarray(block_mask, jnp.float32),
-                                   prediction_type=self.schedule.prediction_type))
+                                   jnp.asarray(block_mask, jnp.float32)))
         return {"neg_loss": -loss, "loss": loss}
 
 

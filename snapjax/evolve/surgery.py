@@ -21,6 +21,7 @@ import dataclasses
 import zlib
 from typing import Any
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -131,9 +132,7 @@ def _fresh_leaf(path: tuple[str, ...], shape, seed_name: str) -> jax.Array:
     if leaf == "bias":
         return jnp.zeros(shape, jnp.float32)
     rng = jax.random.key(zlib.crc32("/".join((seed_name, *path)).encode()))
-    fan_in = int(np.prod(shape[:-1]))
-    return jax.random.truncated_normal(rng, -2.0, 2.0, shape, jnp.float32) * (fan_in ** -0.5
-                                                                              / 0.87962566)
+    return nn.initializers.lecun_normal()(rng, shape, jnp.float32)  # Dense and Conv's default
 
 
 def _duplicate_subtree(edit: Edit, source: dict, zeros: bool) -> dict:
