@@ -27,6 +27,8 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "score-blocks": ("snapjax.evolve.score", "quality lost when each UNet block is dropped"),
     "world": ("snapjax.train.world", "train the embedded world's VAE and teacher, score samples"),
     "prepare": ("snapjax.data.prepare", "cache VAE latents and text embeddings as ArrayRecord shards"),
+    "generate-latents": ("snapjax.data.generated",
+                         "cache a teacher pipeline's generated latents as ArrayRecord shards"),
 }
 
 

@@ -155,6 +155,9 @@ def open_source(cfg: DataConfig):
                                   image_key=cfg.image_key or sources.TFDS_IMAGE_KEY,
                                   caption_key=cfg.caption_key or sources.TFDS_CAPTION_KEY)
     src = sources.PreparedSource(cfg.path)
+    if cfg.sample_latents and src.index.get("latents") == "generated":
+        raise ValueError(f"data.sample_latents: {cfg.path} holds latents a teacher generated "
+                         "(`snapjax generate-latents`), which have no VAE posterior to draw from")
     made_at = src.index.get("resolution")
     if made_at is not None and made_at != cfg.resolution:
         raise ValueError(f"prepared data {cfg.path} was made at resolution {made_at}, but "

@@ -62,7 +62,7 @@ class Encoders:
     info: dict = dataclasses.field(default_factory=dict)
 
 
-class _ShardWriter:
+class ShardWriter:
     """ArrayRecord files of at most ``shard_size`` records: data-00000.array_record, ..."""
 
     def __init__(self, folder: pathlib.Path, shard_size: int):
@@ -91,7 +91,7 @@ class _ShardWriter:
         self._close_current()
 
 
-def _check_output(out: pathlib.Path, overwrite: bool) -> None:
+def check_output(out: pathlib.Path, overwrite: bool) -> None:
     if out.exists() and not out.is_dir():
         raise FileExistsError(f"output {out} exists and is not a folder")
     if out.is_dir() and any(out.iterdir()) and not overwrite:
@@ -99,7 +99,7 @@ def _check_output(out: pathlib.Path, overwrite: bool) -> None:
                               "to replace it")
 
 
-def _publish(tmp: pathlib.Path, out: pathlib.Path) -> None:
+def publish(tmp: pathlib.Path, out: pathlib.Path) -> None:
     """Rename the finished tmp folder to ``out``, replacing what was there."""
     if out.exists():
         old = out.with_name(out.name + ".old")
@@ -147,7 +147,7 @@ def prepare(source, out: str | os.PathLike, encoders: Encoders, *, batch_size: i
     if batch_size < 1 or shard_size < 1:
         raise ValueError(f"batch_size={batch_size} and shard_size={shard_size} must be >= 1")
     out = pathlib.Path(out).expanduser()
-    _check_output(out, overwrite)
+    check_output(out, overwrite)
     tmp = out.with_name(out.name + ".tmp")
     if tmp.exists():
         shutil.rmtree(tmp)  # left by an interrupted run; its name says it is ours
@@ -156,7 +156,7 @@ def prepare(source, out: str | os.PathLike, encoders: Encoders, *, batch_size: i
     n = len(source) if limit is None else min(limit, len(source))
     ds = grain.MapDataset.source(source)[:n].to_iter_dataset(
         grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=4 * batch_size))
-    writer = _ShardWriter(tmp, shard_size)
+    writer = ShardWriter(tmp, shard_size)
     skipped: list[str] = []
     shapes: dict[str, list[int]] = {}
     count = 0
@@ -208,7 +208,7 @@ def prepare(source, out: str | os.PathLike, encoders: Encoders, *, batch_size: i
             "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         }
         (tmp / sources.PREPARED_INDEX).write_text(json.dumps(index, indent=1))
-        _publish(tmp, out)
+        publish(tmp, out)
     except BaseException:
         writer.close()
         shutil.rmtree(tmp, ignore_errors=True)
@@ -314,7 +314,7 @@ def run(args: argparse.Namespace) -> int:
                      caption_key=args.caption_key, image_key=args.image_key,
                      tfds_name=args.tfds_name, split=args.split, **world)
     try:  # before anything slow: a refused output should not cost a model load
-        _check_output(pathlib.Path(args.out).expanduser(), args.overwrite)
+        check_output(pathlib.Path(args.out).expanduser(), args.overwrite)
     except FileExistsError as e:
         raise UserError(str(e)) from None
     vae, te, tok = _encoder_paths(args)

@@ -6,7 +6,9 @@ A record is a dict of numpy arrays and strings:
   (shorter side resized to R, center-cropped) and ``caption`` str; the world adds
   ``attributes`` {name: int32 scalar}, its ground truth;
 - prepared shards (``snapjax prepare``): ``latent_mean`` and ``latent_logvar`` float32
-  [h, w, Z] (raw VAE posterior, unscaled), ``context`` float32 [L, D], ``caption``, ``index``.
+  [h, w, Z] (raw VAE posterior, unscaled), ``context`` float32 [L, D], ``caption``, ``index``;
+  latents a teacher generated (``snapjax generate-latents``) have no ``latent_logvar`` and add
+  ``guidance_scale``.
 
 An image that cannot be read (corrupt, truncated, missing file) gives ``{"skip": reason}``
 instead of raising: the pipeline drops and counts such records, so one bad file never stops a
@@ -409,6 +411,7 @@ class TFDSSource:
 
 PREPARED_FORMAT = "snapjax-prepared-v1"
 PREPARED_INDEX = "index.json"
+# latent_logvar is absent from generated latents (`snapjax generate-latents`): no posterior.
 ARRAY_FIELDS = ("latent_mean", "latent_logvar", "context")
 
 
@@ -477,7 +480,8 @@ class PreparedSource:
     def __getitem__(self, index: int) -> Record:
         rec = decode_record(self._records[int(index)])
         for k in ARRAY_FIELDS:
-            rec[k] = rec[k].astype(np.float32)
+            if k in rec:
+                rec[k] = rec[k].astype(np.float32)
         return rec
 
     def __repr__(self) -> str:
