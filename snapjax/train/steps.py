@@ -219,3 +219,39 @@ def vae_step(state: TrainState, batch: dict, rng: jax.Array, frozen: Any, *, vae
     loss_fn = functools.partial(vae_loss, vae=vae, kl_weight=kl_weight, recon=recon)
     return train_step(state, batch, rng, frozen, loss_fn=loss_fn, optimizer=optimizer,
                       ema_decay=ema_decay, microbatches=microbatches)
+
+
+# ----------------------------------------------------------------------------- decoder distillation
+
+DECODER_LOSSES = ("mse", "l1")
+
+
+def decoder_distill_loss(params, frozen, batch: dict, rng: jax.Array, *, student: nn.Module,
+                         teacher: nn.Module, loss: str) -> tuple[jax.Array, dict]:
+    """The pruned decoder ``params["decoder"]`` against the frozen ``frozen["teacher"]`` on the
+    same latents: ``batch["latent"]`` (B, h, w, C), scaled as the UNet sees them (prepared
+    shards, generated or encoded). Pixel MSE (SnapFusion) or L1 between the two images, both
+    unclipped; ``psnr`` is of the clipped images against each other (peak-to-peak 2)."""
+    del rng
+    z = batch["latent"].astype(jnp.float32) / teacher.spec.scaling_factor
+    target = jax.lax.stop_gradient(
+        teacher.apply({"params": frozen["teacher"]}, z).astype(jnp.float32))
+    image = student.apply({"params": params["decoder"]}, z).astype(jnp.float32)
+    diff = image - target
+    mse, l1 = jnp.mean(jnp.square(diff)), jnp.mean(jnp.abs(diff))
+    shown_mse = jnp.mean(jnp.square(jnp.clip(image, -1, 1) - jnp.clip(target, -1, 1)))
+    psnr = 10.0 * jnp.log10(4.0 / jnp.maximum(shown_mse, 1e-12))
+    return (mse if loss == "mse" else l1), {"mse": mse, "l1": l1, "psnr": psnr}
+
+
+def decoder_distill_step(state: TrainState, batch: dict, rng: jax.Array, frozen: Any, *,
+                         student: nn.Module, teacher: nn.Module, loss: str,
+                         optimizer: optax.GradientTransformation, ema_decay: float,
+                         microbatches: int = 1) -> tuple[TrainState, dict]:
+    """One update of the student decoder on :func:`decoder_distill_loss`; the teacher is in
+    ``frozen``, never donated or optimised."""
+    if loss not in DECODER_LOSSES:
+        raise ValueError(f"decoder_distill_step: loss={loss!r}, expected one of {DECODER_LOSSES}")
+    loss_fn = functools.partial(decoder_distill_loss, student=student, teacher=teacher, loss=loss)
+    return train_step(state, batch, rng, frozen, loss_fn=loss_fn, optimizer=optimizer,
+                      ema_decay=ema_decay, microbatches=microbatches)
