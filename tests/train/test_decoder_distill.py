@@ -91,6 +91,17 @@ def test_distills_into_a_pipeline_folder_with_the_pruned_decoder(teacher, jax_ca
     assert abs(psnr_per_image(student_images, teacher_images).mean() - psnr) < 1e-3
     assert student("a red circle", num_steps=2).shape == (1, 16, 16, 3)
 
+    # `snapjax summary` and `snapjax export torch` take the folder as is; diffusers cannot hold
+    # a decoder whose group count differs from the encoder's, so only the mirrors are written.
+    from export.checkpoint import load_source
+    from export.torch.export import export_torch
+    from snapjax.cli import main
+    assert main(["summary", "--model", str(workdir / "model")]) == 0
+    report = export_torch(load_source(workdir / "model"), tmp / "torch", log=lambda _: None)
+    assert {r["component"] for r in report["components"]} >= {"vae_decoder", "unet"}
+    assert all(r["parity"] < 1e-4 for r in report["components"])
+    assert report["diffusers"] is None
+
 
 def test_a_full_width_student_is_the_teacher(teacher):
     tmp, folder, pipe = teacher
