@@ -255,3 +255,105 @@ def decoder_distill_step(state: TrainState, batch: dict, rng: jax.Array, frozen:
     loss_fn = functools.partial(decoder_distill_loss, student=student, teacher=teacher, loss=loss)
     return train_step(state, batch, rng, frozen, loss_fn=loss_fn, optimizer=optimizer,
                       ema_decay=ema_decay, microbatches=microbatches)
+
+
+# ----------------------------------------------------------------------------- step distillation
+
+GAMMA_SCALINGS = ("dynamic", "constant")
+
+
+def step_distill_loss(params, frozen, batch: dict, rng: jax.Array, *, student: nn.Module,
+                      teacher: nn.Module, inputs: Callable, uncond: Callable,
+                      schedule: NoiseSchedule, teacher_schedule: NoiseSchedule, grid,
+                      space: str, cfg_prob: float, guidance_range: tuple[float, float],
+                      gamma: float, gamma_scaling: str,
+                      block_mask: robust.MaskFn | None = None) -> tuple[jax.Array, dict]:
+    """Step distillation of ``params["unet"]`` from the frozen ``frozen["teacher"]`` (any UNet
+    spec: direct distillation); see :mod:`snapjax.diffusion.distill`.
+
+    Each example draws one of the student's K steps (``grid``: (t, t_mid, s) int arrays (K,))
+    and noises its latent to z_t. Vanilla loss: the student's output against the teacher's
+    two-step target. CFG-aware loss (with probability ``cfg_prob`` per step): w ~ U[guidance_range]
+    per example and every teacher and student output is w out(c) - (w - 1) out(empty)
+    (``uncond(frozen)``: the empty prompt's context (1, L, D)). Plus ``gamma`` times the student's
+    plain denoising loss on the same latents at a uniform timestep; ``dynamic`` scales that term
+    to the distillation loss's size (``gamma * sg(L_distill / L_orig) * L_orig``), ``constant``
+    adds it as is.
+    """
+    from snapjax.diffusion import distill
+    from snapjax.diffusion.guidance import guided_output
+
+    r_in, r_k, r_eps, r_cfg, r_w, r_orig = jax.random.split(rng, 6)
+    x, ctx_BLD = inputs(params, frozen, batch, r_in)
+    B = x.shape[0]
+    t_K, mid_K, s_K = (jnp.asarray(a, jnp.int32) for a in grid)
+    k_B = jax.random.randint(r_k, (B,), 0, t_K.shape[0])
+    t_B, mid_B, s_B = t_K[k_B], mid_K[k_B], s_K[k_B]
+    abar_B = distill.abar_of(schedule, t_B)
+    alpha_B, sigma_B = alpha_sigma(abar_B)
+    z_t = add_noise(x, jax.random.normal(r_eps, x.shape, jnp.float32), alpha_B, sigma_B)
+
+    metrics, masked = {}, {}
+    if block_mask is not None:  # bound before jit: a static choice
+        mask = block_mask(robust.mask_key(rng), B)
+        metrics["robust/keep_fraction"] = jnp.mean(mask)
+        masked = {"block_mask": mask}
+
+    def student_apply(z, t, ctx, **kw):
+        return student.apply({"params": params["unet"]}, z, t, ctx, **kw)
+
+    def teacher_apply(z, t, ctx):
+        return teacher.apply({"params": frozen["teacher"]}, z, t, ctx)
+
+    def vanilla():
+        target = distill.two_step_target(lambda z, t: teacher_apply(z, t, ctx_BLD), z_t, t_B,
+                                         mid_B, s_B, teacher_schedule)
+        out = student_apply(z_t, t_B, ctx_BLD, **masked)
+        return distill.distill_loss(out, z_t, jax.lax.stop_gradient(target), abar_B,
+                                    prediction_type=schedule.prediction_type, space=space)
+
+    def cfg_aware():
+        w_B = jax.random.uniform(r_w, (B,), minval=guidance_range[0], maxval=guidance_range[1])
+        empty = jnp.broadcast_to(uncond(frozen).astype(ctx_BLD.dtype), ctx_BLD.shape)
+        target = distill.two_step_target(
+            lambda z, t: guided_output(teacher_apply, z, t, ctx_BLD, empty, w_B), z_t, t_B,
+            mid_B, s_B, teacher_schedule)
+        kw = {"block_mask": jnp.concatenate([masked["block_mask"]] * 2)} if masked else {}
+        out = guided_output(lambda z, t, c: student_apply(z, t, c, **kw), z_t, t_B, ctx_BLD,
+                            empty, w_B)
+        return distill.distill_loss(out, z_t, jax.lax.stop_gradient(target), abar_B,
+                                    prediction_type=schedule.prediction_type, space=space)
+
+    if cfg_prob >= 1.0:
+        per_example, used_cfg = cfg_aware(), jnp.float32(1)
+    elif cfg_prob <= 0.0:
+        per_example, used_cfg = vanilla(), jnp.float32(0)
+    else:
+        use = jax.random.bernoulli(r_cfg, cfg_prob)
+        per_example = jax.lax.cond(use, cfg_aware, vanilla)
+        used_cfg = use.astype(jnp.float32)
+    distill_term = jnp.mean(per_example)
+    metrics.update({"distill": distill_term, "cfg_aware": used_cfg})
+    loss = distill_term
+    if gamma > 0:
+        orig, _ = diffusion_loss(params, frozen, batch, r_orig, unet=student,
+                                 inputs=lambda *_: (x, ctx_BLD), schedule=schedule,
+                                 block_mask=block_mask)
+        scale = (jax.lax.stop_gradient(distill_term / jnp.maximum(orig, 1e-12))
+                 if gamma_scaling == "dynamic" else 1.0)
+        loss = distill_term + gamma * scale * orig
+        metrics["orig"] = orig
+    return loss, metrics
+
+
+def step_distill_step(state: TrainState, batch: dict, rng: jax.Array, frozen: Any, *,
+                      optimizer: optax.GradientTransformation, ema_decay: float,
+                      microbatches: int = 1, **options) -> tuple[TrainState, dict]:
+    """One student update on :func:`step_distill_loss` (its keyword options bound); the
+    teacher is in ``frozen``, never donated, optimised or checkpointed."""
+    if options.get("gamma_scaling") not in GAMMA_SCALINGS:
+        raise ValueError(f"step_distill_step: gamma_scaling={options.get('gamma_scaling')!r}, "
+                         f"expected one of {GAMMA_SCALINGS}")
+    loss_fn = functools.partial(step_distill_loss, **options)
+    return train_step(state, batch, rng, frozen, loss_fn=loss_fn, optimizer=optimizer,
+                      ema_decay=ema_decay, microbatches=microbatches)

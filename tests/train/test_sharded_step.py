@@ -46,6 +46,7 @@ SCRIPT = textwrap.dedent("""
     batch_np = {"latent": gen.normal(size=(16, 8, 8, 4)).astype(np.float32),
                 "context": gen.normal(size=(16, 6, 16)).astype(np.float32)}
     frozen_np = {"empty_context": np.zeros((1, 6, 16), np.float32)}
+    # STEP
 
     def run(cfg, devices):
         mesh = sharding.make_mesh(cfg, devices)
@@ -91,10 +92,12 @@ SCRIPT = textwrap.dedent("""
 """)
 
 
-def run_sharded(setup: str = "") -> dict:
+def run_sharded(setup: str = "", step: str = "") -> dict:
     """The script's report; ``setup`` is Python run after ``spec`` and ``unet`` are defined
-    (it may set BLOCK_MASK, the step's robust-training mask sampler)."""
+    (it may set BLOCK_MASK, the step's robust-training mask sampler); ``step`` runs after the
+    step, batch and frozen inputs are defined (it may replace them: another objective's step)."""
     script = SCRIPT.replace("# SETUP\n", textwrap.dedent(setup) + "\n")
+    script = script.replace("# STEP\n", textwrap.dedent(step) + "\n")
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
                JAX_PLATFORMS="cpu")
     out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True,

@@ -105,7 +105,8 @@ def data_config(config: ml_collections.ConfigDict) -> DataConfig:
 
 # The built-in objectives register themselves on import; their config sections stay importable
 # from here, where configs found them before objectives became a package.
-from snapjax.train.objectives import decoder, diffusion, vae  # noqa: E402,F401
+from snapjax.train.objectives import decoder, diffusion, step_distill, vae  # noqa: E402,F401
 from snapjax.train.objectives.decoder import DecoderDistillConfig  # noqa: E402,F401
+from snapjax.train.objectives.step_distill import StepDistillConfig  # noqa: E402,F401
 from snapjax.train.objectives.diffusion import DiffusionConfig  # noqa: E402,F401
 from snapjax.train.objectives.vae import VAELossConfig  # noqa: E402,F401

@@ -119,7 +119,7 @@ def build(config: ml_collections.ConfigDict, *, optimizer, ema_decay, microbatch
                           "fixed contexts")
     models = load_models(config, dcfg, prepared, compute_dtype, abstract, platform)
     block_mask = robust_mask_sampler(config, models.spec)
-    tokenizer, empty_ids = _tokenizer(dcfg, models.text_encoder.spec, abstract)
+    tokenizer, empty_ids = load_text_tokenizer(dcfg, models.text_encoder.spec, abstract)
 
     loaded: dict[str, Any] = {}
     if models.unet_params is not None:
@@ -139,7 +139,7 @@ def build(config: ml_collections.ConfigDict, *, optimizer, ema_decay, microbatch
                 r_text, jnp.asarray(empty_ids))["params"]
         return params
 
-    make_inputs = _prepared_inputs if prepared else _raw_inputs
+    make_inputs = prepared_inputs if prepared else raw_inputs
     inputs, frozen, batch_shapes = make_inputs(dcfg, data, models, empty_ids, abstract)
     step = functools.partial(steps.unet_diffusion_step, unet=models.unet, schedule=schedule,
                              inputs=inputs, optimizer=optimizer, ema_decay=ema_decay,
@@ -153,7 +153,7 @@ def build(config: ml_collections.ConfigDict, *, optimizer, ema_decay, microbatch
         sample = world_preview(data, dcfg, schedule, models, tokenizer, empty_ids)
     else:
         log.info("sample grids are off (they need diffusion.vae and the world's captions)")
-    export = functools.partial(_export, dcfg=dcfg, schedule=schedule, models=models,
+    export = functools.partial(export_pipeline, dcfg=dcfg, schedule=schedule, models=models,
                                tokenizer=tokenizer, data=data)
     return Objective(init_params=init_params, pretrained=loaded, step=step, frozen=frozen,
                      batch_shapes=batch_shapes, tokenizer=tokenizer, sample=sample,
@@ -216,7 +216,7 @@ def robust_mask_sampler(config: ml_collections.ConfigDict, spec: UNetSpec
         raise ConfigError(f"config.robust: {e}") from None
 
 
-def _tokenizer(dcfg: DiffusionConfig, text_spec: TextEncoderSpec, abstract: bool):
+def load_text_tokenizer(dcfg: DiffusionConfig, text_spec: TextEncoderSpec, abstract: bool):
     """(tokenizer or None in abstract mode, the empty prompt's ids (1, L))."""
     if abstract:
         return None, np.zeros((1, text_spec.max_length), np.int32)
@@ -227,7 +227,7 @@ def _tokenizer(dcfg: DiffusionConfig, text_spec: TextEncoderSpec, abstract: bool
     return tokenizer, np.asarray(tokenizer([""]), np.int32)
 
 
-def _prepared_inputs(dcfg: DiffusionConfig, data: DataConfig, models: Models,
+def prepared_inputs(dcfg: DiffusionConfig, data: DataConfig, models: Models,
                      empty_ids: np.ndarray, abstract: bool):
     """Cached latents + contexts: the step only needs the empty prompt's context."""
     text_spec = models.text_encoder.spec
@@ -251,7 +251,7 @@ def _prepared_inputs(dcfg: DiffusionConfig, data: DataConfig, models: Models,
     return inputs, {"empty_context": empty}, batch_shapes
 
 
-def _raw_inputs(dcfg: DiffusionConfig, data: DataConfig, models: Models,
+def raw_inputs(dcfg: DiffusionConfig, data: DataConfig, models: Models,
                 empty_ids: np.ndarray, abstract: bool):
     """Images + token ids, encoded inside the step by the frozen VAE and the text encoder."""
     del abstract
@@ -315,7 +315,7 @@ def world_preview(data: DataConfig, dcfg: DiffusionConfig, schedule: NoiseSchedu
     return sample
 
 
-def _export(state: TrainState, folder: pathlib.Path, *, dcfg: DiffusionConfig,
+def export_pipeline(state: TrainState, folder: pathlib.Path, *, dcfg: DiffusionConfig,
             schedule: NoiseSchedule, models: Models, tokenizer, data: DataConfig) -> None:
     """The EMA weights as a pipeline folder (with a VAE), else the trained models alone."""
     ema = to_host(state.ema_params)

@@ -1,0 +1,227 @@
+"""``objective = "step_distill"``: a student that takes half the teacher's DDIM steps
+(Salimans & Ho's progressive distillation; SnapFusion section 4, with its CFG-aware loss).
+
+The teacher is a pipeline folder (its UNet, text encoder, VAE, tokenizer and schedule); the
+student starts from ``distill.student_init`` (a pipeline or UNet folder; "" is the teacher's own
+UNet, progressive distillation) and may have another UNet spec (direct, cross-architecture
+distillation). Only the student's UNet trains; the teacher's UNet is a frozen, non-donated input
+of the step (:func:`steps.step_distill_step`), never in the checkpoint. Data is what the UNet
+objective takes (raw world images encoded by the teacher's VAE in the step, or prepared latents
++ contexts). At the end ``<workdir>/model`` is a pipeline folder that records the student's
+steps, its grid's spacing and the guidance it is sampled with.
+
+Legend: B batch, L tokens, D context width.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import logging
+import pathlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from snapjax import pretrained
+from snapjax.config import ConfigError, from_config
+from snapjax.diffusion import distill
+from snapjax.diffusion.schedule import NoiseSchedule
+from snapjax.train import steps
+from snapjax.train.objectives import Objective, data_config, register
+from snapjax.train.objectives import diffusion as diffusion_lib
+from snapjax.train.objectives.components import load_component
+from snapjax.train.objectives.host import to_host
+from snapjax.train.state import TrainState
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class StepDistillConfig:
+    """``config.distill``: teacher, student, and the loss (every choice is an ablation).
+
+    teacher: the teacher's pipeline folder. student_init: the student's start, a pipeline or UNet
+      folder ("": the teacher's UNet).
+    teacher_steps: N, the teacher's DDIM steps; the student learns N / 2 on the grid sampling
+      uses for ``timestep_spacing`` ("trailing": the grids nest, see snapjax.diffusion.distill).
+    loss_space: "x" (truncated-SNR weight, Salimans & Ho), "v" or "eps".
+    cfg_prob: the probability per step of the CFG-aware loss (w ~ U[guidance_min, guidance_max]);
+      0 is vanilla distillation, 1 CFG-aware only.
+    gamma, gamma_scaling: the original denoising loss's weight and its scaling ("dynamic": to
+      the distillation loss's size; "constant"); gamma 0 turns it off.
+    caption_dropout: as in training, so the student also learns the unconditional output.
+    guidance_scale: what the student is sampled with (previews, the exported folder); None:
+      the teacher pipeline's.
+    """
+
+    teacher: str = ""
+    student_init: str = ""
+    teacher_steps: int = 32
+    timestep_spacing: str = "trailing"
+    loss_space: str = "x"
+    cfg_prob: float = 0.1
+    guidance_min: float = 2.0
+    guidance_max: float = 14.0
+    gamma: float = 0.2
+    gamma_scaling: str = "dynamic"
+    caption_dropout: float = 0.1
+    guidance_scale: float | None = None
+    num_samples: int = 16
+    eval_samples: int = 64
+
+    def __post_init__(self):
+        if self.loss_space not in distill.LOSS_SPACES:
+            raise ValueError(f"distill.loss_space={self.loss_space!r}: expected one of "
+                             f"{distill.LOSS_SPACES}")
+        if not 0.0 <= self.cfg_prob <= 1.0:
+            raise ValueError(f"distill.cfg_prob={self.cfg_prob} must be in [0, 1]")
+        if not 1.0 <= self.guidance_min <= self.guidance_max:
+            raise ValueError(f"distill.guidance_min={self.guidance_min} and guidance_max="
+                             f"{self.guidance_max}: need 1 <= guidance_min <= guidance_max")
+        if self.gamma < 0:
+            raise ValueError(f"distill.gamma={self.gamma} must be >= 0")
+        if self.gamma_scaling not in steps.GAMMA_SCALINGS:
+            raise ValueError(f"distill.gamma_scaling={self.gamma_scaling!r}: expected one of "
+                             f"{steps.GAMMA_SCALINGS}")
+        if not 0.0 <= self.caption_dropout < 1.0:
+            raise ValueError(f"distill.caption_dropout={self.caption_dropout} must be in [0, 1)")
+
+
+def _unet_folder(path: str, what: str) -> str:
+    folder = pathlib.Path(path)
+    if (folder / "unet").is_dir():
+        return str(folder / "unet")
+    if pretrained.is_snapjax_model(folder) or (folder / "config.json").is_file():
+        return str(folder)
+    raise ConfigError(f"distill.{what}={path}: neither a pipeline folder (with unet/) nor a UNet "
+                      "model folder")
+
+
+def _schedule(folder: str) -> NoiseSchedule | None:
+    """The schedule a pipeline folder records (None for a bare model folder)."""
+    from snapjax.pipeline import PIPELINE_FILE, read_pipeline_file
+    path = pathlib.Path(folder)
+    if (path / PIPELINE_FILE).is_file():
+        return read_pipeline_file(path).schedule
+    config = path / "scheduler" / "scheduler_config.json"
+    return NoiseSchedule.from_diffusers_config(config) if config.is_file() else None
+
+
+def _same_noise(a: NoiseSchedule, b: NoiseSchedule) -> bool:
+    keys = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "set_alpha_to_one")
+    return all(getattr(a, k) == getattr(b, k) for k in keys)
+
+
+def _pipeline_meta(cfg: StepDistillConfig, abstract: bool):
+    """(teacher schedule, student schedule, teacher's guidance scale)."""
+    from snapjax.pipeline import PIPELINE_FILE, read_pipeline_file
+    teacher_folder = pathlib.Path(cfg.teacher)
+    if not teacher_folder.is_dir():
+        raise ConfigError(f"distill.teacher={cfg.teacher}: not a folder (expected the teacher's "
+                          "pipeline folder)")
+    teacher_schedule = _schedule(cfg.teacher)
+    if teacher_schedule is None:
+        raise ConfigError(f"distill.teacher={cfg.teacher}: not a pipeline folder (no "
+                          f"{PIPELINE_FILE} or scheduler/); the teacher's schedule is needed")
+    guidance = (read_pipeline_file(teacher_folder).guidance_scale
+                if (teacher_folder / PIPELINE_FILE).is_file() else None)
+    student_schedule = (_schedule(cfg.student_init) if cfg.student_init else None) \
+        or teacher_schedule
+    if not _same_noise(teacher_schedule, student_schedule):
+        raise ConfigError(f"distill.student_init={cfg.student_init}: its noise schedule differs "
+                          "from the teacher's (betas, timesteps); distillation needs one")
+    spacing = {"timestep_spacing": cfg.timestep_spacing}
+    return (dataclasses.replace(teacher_schedule, **spacing),
+            dataclasses.replace(student_schedule, **spacing), guidance or 7.5)
+
+
+@register("step_distill")
+def build(config, *, optimizer, ema_decay, microbatches, compute_dtype, abstract,
+          platform) -> Objective:
+    cfg = from_config(StepDistillConfig, config.distill, "distill")
+    if not cfg.teacher:
+        raise ConfigError("distill.teacher is empty: give the teacher's pipeline folder")
+    data = data_config(config)
+    prepared = data.source == "prepared"
+    teacher_schedule, schedule, teacher_guidance = _pipeline_meta(cfg, abstract)
+    try:
+        grid = distill.student_grid(schedule, cfg.teacher_steps)
+    except ValueError as e:
+        raise ConfigError(f"distill.teacher_steps / distill.timestep_spacing: {e}") from None
+    guidance = cfg.guidance_scale if cfg.guidance_scale is not None else teacher_guidance
+    teacher_dir = pathlib.Path(cfg.teacher)
+    # The UNet objective's loaders: the student's UNet with the teacher's text encoder and VAE.
+    dcfg = diffusion_lib.DiffusionConfig(
+        caption_dropout=cfg.caption_dropout, vae=str(teacher_dir / "vae"),
+        text_encoder=str(teacher_dir / "text_encoder"), tokenizer=str(teacher_dir / "tokenizer"),
+        unet_init=_unet_folder(cfg.student_init or cfg.teacher, "student_init"),
+        sample_steps=cfg.teacher_steps // 2, guidance_scale=guidance,
+        num_samples=cfg.num_samples, eval_samples=cfg.eval_samples)
+    models = diffusion_lib.load_models(config, dcfg, prepared, compute_dtype, abstract, platform)
+    teacher, teacher_params = load_component(_unet_folder(cfg.teacher, "teacher"), "unet",
+                                             compute_dtype, abstract)
+    _check_pair(cfg, teacher.spec, models)
+    block_mask = diffusion_lib.robust_mask_sampler(config, models.spec)
+    tokenizer, empty_ids = diffusion_lib.load_text_tokenizer(dcfg, models.text_encoder.spec,
+                                                             abstract)
+    make_inputs = diffusion_lib.prepared_inputs if prepared else diffusion_lib.raw_inputs
+    inputs, frozen, batch_shapes = make_inputs(dcfg, data, models, empty_ids, abstract)
+    frozen = {**frozen, "teacher": teacher_params}
+    if prepared:
+        uncond = lambda fr: fr["empty_context"]  # noqa: E731
+    else:
+        text = models.text_encoder
+        uncond = lambda fr: text.apply({"params": fr["text_encoder"]}, fr["empty_ids"])  # noqa: E731
+
+    step = functools.partial(
+        steps.step_distill_step, optimizer=optimizer, ema_decay=ema_decay,
+        microbatches=microbatches, student=models.unet, teacher=teacher, inputs=inputs,
+        uncond=uncond, schedule=schedule, teacher_schedule=teacher_schedule,
+        grid=tuple(np.asarray(a) for a in grid), space=cfg.loss_space, cfg_prob=cfg.cfg_prob,
+        guidance_range=(cfg.guidance_min, cfg.guidance_max), gamma=cfg.gamma,
+        gamma_scaling=cfg.gamma_scaling, block_mask=block_mask)
+
+    def init_params(rng, pretrained_params):
+        del rng
+        return dict(pretrained_params)
+
+    sample = None
+    if not abstract and data.source == "world":
+        sample = diffusion_lib.world_preview(data, dcfg, schedule, models, tokenizer, empty_ids)
+    export = functools.partial(diffusion_lib.export_pipeline, dcfg=dcfg, schedule=schedule,
+                               models=models, tokenizer=tokenizer, data=data)
+    return Objective(init_params=init_params, pretrained={"unet": models.unet_params},
+                     step=step, frozen=frozen, batch_shapes=batch_shapes, tokenizer=tokenizer,
+                     sample=sample, export=export)
+
+
+def _check_pair(cfg: StepDistillConfig, teacher_spec, models) -> None:
+    """The teacher must read the student's latents and contexts, with the same text encoder."""
+    student = models.spec
+    if teacher_spec.in_channels != student.in_channels:
+        raise ConfigError(f"the teacher UNet takes {teacher_spec.in_channels} latent channels "
+                          f"and the student {student.in_channels}: they must share latents")
+    if teacher_spec.context_dim != student.context_dim:
+        raise ConfigError(f"the teacher UNet reads contexts of width {teacher_spec.context_dim} "
+                          f"and the student {student.context_dim}: they must share a text encoder")
+    if not cfg.student_init:
+        return
+    student_text = pathlib.Path(cfg.student_init) / "text_encoder"
+    teacher_text = pathlib.Path(cfg.teacher) / "text_encoder"
+    if student_text.is_dir() and student_text.resolve() != teacher_text.resolve():
+        kind_a, spec_a = pretrained.read_model_spec(student_text) \
+            if pretrained.is_snapjax_model(student_text) else (None, None)
+        kind_b, spec_b = pretrained.read_model_spec(teacher_text) \
+            if pretrained.is_snapjax_model(teacher_text) else (None, None)
+        differs = spec_a != spec_b
+        if not differs and spec_a is not None:
+            _, a = pretrained.load_model(student_text)
+            _, b = pretrained.load_model(teacher_text)
+            differs = not all(jax.tree.leaves(jax.tree.map(
+                lambda x, y: bool(np.array_equal(np.asarray(x), np.asarray(y))), a, b)))
+        if differs:
+            raise ConfigError(f"distill.student_init={cfg.student_init} has another text encoder "
+                              f"than the teacher {cfg.teacher}: the student is trained and "
+                              "sampled with the teacher's, so they must be the same")

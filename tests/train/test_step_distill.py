@@ -1,0 +1,152 @@
+"""``objective = "step_distill"``: the step's CFG-aware combination, its sharding, and bad inputs.
+
+- CFG-aware loss: with a teacher and a student linear in the context, guiding with w is the
+  same as conditioning on w c - (w - 1) u, so the CFG-aware loss at w must equal the vanilla
+  loss on that context (same randomness).
+- The step sharded over data=2 x fsdp=4 on 8 fake devices (the teacher sharded too, as a frozen
+  input) equals the single-device step (tests/train/test_sharded_step.py's harness).
+- Bad inputs name the key: odd teacher steps, grids that do not nest, w_min > w_max, p outside
+  [0, 1], a student whose latents or contexts differ from the teacher's.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from snapjax import pretrained
+from snapjax.config import ConfigError, load_config
+from snapjax.diffusion import distill
+from snapjax.diffusion.schedule import NoiseSchedule
+from snapjax.train import objectives, optim, steps
+from tests.export.tiny_models import random_params
+from tests.train.conftest import REPO
+from tests.train.test_sharded_step import assert_sharded_matches_single_device, run_sharded
+
+
+class LinearInContext(nn.Module):
+    """out = a(t) z + (mean over tokens of ctx) @ W: linear in the context."""
+
+    @nn.compact
+    def __call__(self, z, t, ctx, block_mask=None):
+        a = self.param("a", nn.initializers.constant(0.5), (z.shape[-1],))
+        w = self.param("w", nn.initializers.normal(0.3), (ctx.shape[-1], z.shape[-1]))
+        scale = (1.0 + t.astype(jnp.float32) / 1000.0)[:, None, None, None]
+        return scale * a * z + (ctx.mean(axis=1) @ w)[:, None, None, :]
+
+
+def _loss(ctx, empty, cfg_prob, w=3.0):
+    model = LinearInContext()
+    z = np.random.default_rng(0).normal(size=(4, 4, 4, 3)).astype(np.float32)
+    params = model.init(jax.random.key(0), z, jnp.zeros((4,), jnp.int32), ctx)["params"]
+    teacher_params = jax.tree.map(lambda x: x * 1.1, params)
+    schedule = NoiseSchedule(prediction_type="v_prediction", timestep_spacing="trailing")
+    loss, metrics = steps.step_distill_loss(
+        {"unet": params}, {"teacher": teacher_params, "empty_context": empty},
+        {"latent": z, "context": ctx}, jax.random.key(7), student=model, teacher=model,
+        inputs=functools.partial(steps.cached_inputs, caption_dropout=0.0),
+        uncond=lambda fr: fr["empty_context"], schedule=schedule, teacher_schedule=schedule,
+        grid=distill.student_grid(schedule, 8), space="x", cfg_prob=cfg_prob,
+        guidance_range=(w, w), gamma=0.0, gamma_scaling="dynamic")
+    return float(loss), metrics
+
+
+def test_cfg_aware_loss_is_the_guided_combination():
+    rng = np.random.default_rng(1)
+    c = rng.normal(size=(4, 5, 6)).astype(np.float32)
+    u = rng.normal(size=(1, 5, 6)).astype(np.float32)
+    guided, metrics = _loss(c, u, cfg_prob=1.0)
+    assert float(metrics["cfg_aware"]) == 1.0
+    plain, _ = _loss(3.0 * c - 2.0 * u, u, cfg_prob=0.0)
+    assert guided == pytest.approx(plain, rel=1e-5)
+    assert _loss(c, u, cfg_prob=0.0)[0] != pytest.approx(plain, rel=1e-3)  # w matters
+
+
+def test_sharded_distillation_step_matches_single_device():
+    step = """
+        from snapjax.diffusion import distill as distill_lib
+        from snapjax.models.unet_spec import UNetSpec as _Spec
+        import optax
+        sched = NoiseSchedule(prediction_type="v_prediction", timestep_spacing="trailing")
+        # Adam with eps=1: updates stay linear in the gradients, so the summation-order rounding
+        # of sharded gradients is not amplified by 1/sqrt(v) at near-zero entries (the x loss's
+        # SNR weights reach ~1e3); a real sharding error still moves params by about lr * grad.
+        opt = optax.adam(1e-2, eps=1.0)
+        # direct distillation: the teacher has another spec (no attention in its first stage)
+        teacher = UNet(_Spec(block_channels=(16, 32), down=(("R",), ("R",)),
+                             up=(("R", "R"), ("R", "R")), mid="", num_heads=(2, 2),
+                             context_dim=16, transformer_layers=(1, 1), norm_groups=8))
+        teacher_params = teacher.init(jax.random.key(5), jnp.zeros((1, 8, 8, 4)),
+                                      jnp.zeros((1,), jnp.int32), jnp.zeros((1, 1, 16)))["params"]
+        frozen_np = {**frozen_np, "teacher": jax.tree.map(np.asarray, teacher_params)}
+        step = functools.partial(
+            steps.step_distill_step, optimizer=opt, ema_decay=0.9, microbatches=2, student=unet,
+            teacher=teacher, inputs=functools.partial(steps.cached_inputs, caption_dropout=0.1),
+            uncond=lambda fr: fr["empty_context"], schedule=sched, teacher_schedule=sched,
+            grid=tuple(distill_lib.student_grid(sched, 8)), space="x", cfg_prob=0.5,
+            guidance_range=(2.0, 14.0), gamma=0.2, gamma_scaling="dynamic", block_mask=BLOCK_MASK)
+    """
+    report = run_sharded(step=step)
+    assert_sharded_matches_single_device(report)
+    for one, many in zip(report["one_metrics"], report["many_metrics"]):
+        assert one["cfg_aware"] == many["cfg_aware"]
+        np.testing.assert_allclose(many["distill"], one["distill"], rtol=1e-5)
+        np.testing.assert_allclose(many["orig"], one["orig"], rtol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def teacher(tmp_path_factory):
+    """A tiny snapjax teacher pipeline (diffusers' tiny SD layout, converted)."""
+    from snapjax.pipeline import TextToImage
+    from tests.tiny_pipeline import build_pipeline
+    tmp = tmp_path_factory.mktemp("distill")
+    build_pipeline(tmp / "sd")
+    TextToImage.from_pretrained(tmp / "sd").save_pretrained(tmp / "teacher")
+    return tmp
+
+
+def _objective(tmp, *overrides):
+    config = load_config(str(REPO / "configs" / "world_distill.py"), [
+        "--config.data.source=prepared", f"--config.data.path={tmp}", "--config.data.resolution=16",
+        f"--config.distill.teacher={tmp / 'teacher'}", *overrides])
+    return objectives.build_objective(
+        config, optimizer=optim.make_optimizer(optim.OptimConfig(), 10), ema_decay=0.99,
+        microbatches=1, compute_dtype=jnp.float32)
+
+
+def test_builds_with_the_teacher_frozen_and_the_student_trained(teacher):
+    objective = _objective(teacher)
+    assert set(objective.pretrained) == {"unet"} and "teacher" in objective.frozen
+    assert objective.step.keywords["grid"][0].tolist() == [999, 749, 499, 249]
+    assert objective.step.keywords["schedule"].timestep_spacing == "trailing"
+
+
+def test_bad_inputs_are_named(teacher):
+    with pytest.raises(ConfigError, match="even integer"):
+        _objective(teacher, "--config.distill.teacher_steps=7")
+    with pytest.raises(ConfigError, match="not every second step"):
+        _objective(teacher, "--config.distill.timestep_spacing=leading")
+    with pytest.raises(ConfigError, match="guidance_min <= guidance_max"):
+        _objective(teacher, "--config.distill.guidance_min=9", "--config.distill.guidance_max=3")
+    for p in ("-0.1", "1.5"):
+        with pytest.raises(ConfigError, match=r"cfg_prob.*\[0, 1\]"):
+            _objective(teacher, f"--config.distill.cfg_prob={p}")
+    with pytest.raises(ConfigError, match="not a folder"):
+        _objective(teacher, f"--config.distill.teacher={teacher / 'missing'}")
+    spec = pretrained.read_spec(teacher / "teacher" / "unet", "unet")
+    for field, value, message in (("in_channels", 3, "latent channels"),
+                                  ("context_dim", 16, "context_dim=16 but the text encoder")):
+        other = dataclasses.replace(spec, **{field: value})
+        if field == "in_channels":
+            other = dataclasses.replace(other, out_channels=3)
+        folder = teacher / f"student_{field}"
+        if not folder.exists():
+            pretrained.save_model(folder, "unet", other, random_params("unet", other))
+        with pytest.raises(ConfigError, match=message):
+            _objective(teacher, f"--config.distill.student_init={folder}")
