@@ -12,6 +12,7 @@ dropping any one block should cost much less than in the UNet fine-tuned without
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 from pathlib import Path
 
@@ -90,12 +91,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", help="also write the result to this JSON file")
     parser.add_argument("--no-blocks", action="store_true",
                         help="measure the full UNet only (e.g. at 50 steps)")
+    parser.add_argument("--spacing", choices=("leading", "trailing", "linspace"), default=None,
+                        help="sample on this DDIM grid instead of the folder's (e.g. a teacher on "
+                             "the trailing grid its distilled students use)")
 
 
 def run(args: argparse.Namespace) -> int:
     from snapjax.data.world import WorldSpec
     from snapjax.pipeline import TextToImage
     pipe = TextToImage.from_pretrained(args.model)
+    if args.spacing:
+        pipe.schedule = dataclasses.replace(pipe.schedule, timestep_spacing=args.spacing)
     world = WorldSpec(resolution=pipe.sample_size * pipe.vae.spec.downsample_factor)
     result = block_drop_scores(pipe, world, quality=args.quality, num_prompts=args.num_prompts,
                                num_steps=args.steps, guidance_scale=args.guidance,

@@ -82,8 +82,9 @@ def checkpoint_steps(workdir) -> list[int]:
                   if p.name.isdigit() and (p / "state").is_dir()) if folder.is_dir() else []
 
 
-def start_train(workdir, *overrides: str, env: dict[str, str]) -> subprocess.Popen:
-    return subprocess.Popen(train_command(workdir, *overrides), env=env, cwd=REPO,
+def start_train(workdir, *overrides: str, env: dict[str, str],
+                config: str = "configs/world_vae.py") -> subprocess.Popen:
+    return subprocess.Popen(train_command(workdir, *overrides, config=config), env=env, cwd=REPO,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 

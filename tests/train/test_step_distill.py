@@ -5,6 +5,7 @@
   loss on that context (same randomness).
 - The step sharded over data=2 x fsdp=4 on 8 fake devices (the teacher sharded too, as a frozen
   input) equals the single-device step (tests/train/test_sharded_step.py's harness).
+- A killed and resumed run gives the uninterrupted run's losses.
 - Bad inputs name the key: odd teacher steps, grids that do not nest, w_min > w_max, p outside
   [0, 1], a student whose latents or contexts differ from the teacher's.
 """
@@ -26,7 +27,8 @@ from snapjax.diffusion import distill
 from snapjax.diffusion.schedule import NoiseSchedule
 from snapjax.train import objectives, optim, steps
 from tests.export.tiny_models import random_params
-from tests.train.conftest import REPO
+from tests.train.conftest import (REPO, kill, losses, run_train, start_train, train_env,
+                                  wait_for_step)
 from tests.train.test_sharded_step import assert_sharded_matches_single_device, run_sharded
 
 
@@ -150,3 +152,32 @@ def test_bad_inputs_are_named(teacher):
             pretrained.save_model(folder, "unet", other, random_params("unet", other))
         with pytest.raises(ConfigError, match=message):
             _objective(teacher, f"--config.distill.student_init={folder}")
+
+
+def test_killed_and_resumed_run_gives_the_same_losses(teacher, jax_cache):
+    from snapjax.data import generated
+    from snapjax.pipeline import TextToImage
+    latents = teacher / "latents"
+    if not latents.exists():
+        generated.generate_latents(TextToImage.from_pretrained(teacher / "teacher"),
+                                   ["a red circle", "a blue square"], latents, count=16,
+                                   num_steps=2, batch_size=8, progress=False)
+    overrides = ["--config.data.source=prepared", f"--config.data.path={latents}",
+                 "--config.data.resolution=16", "--config.data.num_threads=1",
+                 f"--config.distill.teacher={teacher / 'teacher'}",
+                 "--config.distill.cfg_prob=0.5", "--config.train.batch_size=4",
+                 "--config.train.steps=6", "--config.train.log_every=1",
+                 "--config.train.progress_bar=false", "--config.train.export=false",
+                 "--config.checkpoint.every_steps=3", "--config.opt.warmup_steps=0"]
+    env = train_env(jax_cache)
+    config = "configs/world_distill.py"
+    run_train(teacher / "straight", *overrides, env=env, config=config)
+    proc = start_train(teacher / "killed", *overrides, "--config.checkpoint.async_save=false",
+                       env=env, config=config)
+    wait_for_step(proc, teacher / "killed", 4)
+    kill(proc)
+    run_train(teacher / "killed", *overrides, env=env, config=config)
+    straight, resumed = losses(teacher / "straight"), losses(teacher / "killed")
+    assert sorted(resumed) == sorted(straight) == list(range(1, 7))
+    np.testing.assert_allclose([resumed[s] for s in range(1, 7)],
+                               [straight[s] for s in range(1, 7)], rtol=1e-6)
