@@ -32,12 +32,12 @@ def get_config(arg: str = "cpu") -> ml_collections.ConfigDict:
     config = ml_collections.ConfigDict()
     config.objective = "step_distill"
     config.train = as_config(TrainConfig(
-        steps=600, batch_size=32, log_every=50,
+        steps=300, batch_size=32, log_every=50,
         compute_dtype="bfloat16" if arg == "accel" else "float32"))
     config.mesh = as_config(MeshConfig)
     config.opt = as_config(OptimConfig(lr=2e-4, warmup_steps=50, schedule="constant",
                                        weight_decay=0.01, ema_decay=0.99))
-    config.checkpoint = as_config(CheckpointConfig(every_steps=300))
+    config.checkpoint = as_config(CheckpointConfig(every_steps=150))
     config.data = ml_collections.ConfigDict(DataConfig(source="world", resolution=32).to_dict())
     config.distill = as_config(StepDistillConfig(
         teacher=TEACHER, teacher_steps=8, guidance_scale=4.0, num_samples=16, eval_samples=128))
