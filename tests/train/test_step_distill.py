@@ -181,3 +181,18 @@ def test_killed_and_resumed_run_gives_the_same_losses(teacher, jax_cache):
     assert sorted(resumed) == sorted(straight) == list(range(1, 7))
     np.testing.assert_allclose([resumed[s] for s in range(1, 7)],
                                [straight[s] for s in range(1, 7)], rtol=1e-6)
+
+
+def test_a_student_with_another_text_encoder_is_refused(teacher, tmp_path):
+    import shutil
+    student = tmp_path / "student"
+    shutil.copytree(teacher / "teacher", student)
+    module, params = pretrained.load_model(student / "text_encoder")
+    shutil.rmtree(student / "text_encoder")
+    pretrained.save_model(student / "text_encoder", "text_encoder", module.spec,
+                          jax.tree.map(lambda x: np.asarray(x) + 0.01, params))
+    with pytest.raises(ConfigError, match="another text encoder"):
+        _objective(teacher, f"--config.distill.student_init={student}")
+    shutil.rmtree(student / "text_encoder")
+    shutil.copytree(teacher / "teacher" / "text_encoder", student / "text_encoder")
+    assert "teacher" in _objective(teacher, f"--config.distill.student_init={student}").frozen
