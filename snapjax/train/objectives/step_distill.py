@@ -21,7 +21,6 @@ import logging
 import pathlib
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from snapjax import pretrained
@@ -32,8 +31,6 @@ from snapjax.train import steps
 from snapjax.train.objectives import Objective, data_config, register
 from snapjax.train.objectives import diffusion as diffusion_lib
 from snapjax.train.objectives.components import load_component
-from snapjax.train.objectives.host import to_host
-from snapjax.train.state import TrainState
 
 log = logging.getLogger(__name__)
 
@@ -114,7 +111,7 @@ def _same_noise(a: NoiseSchedule, b: NoiseSchedule) -> bool:
     return all(getattr(a, k) == getattr(b, k) for k in keys)
 
 
-def _pipeline_meta(cfg: StepDistillConfig, abstract: bool):
+def _pipeline_meta(cfg: StepDistillConfig):
     """(teacher schedule, student schedule, teacher's guidance scale)."""
     from snapjax.pipeline import PIPELINE_FILE, read_pipeline_file
     teacher_folder = pathlib.Path(cfg.teacher)
@@ -145,7 +142,7 @@ def build(config, *, optimizer, ema_decay, microbatches, compute_dtype, abstract
         raise ConfigError("distill.teacher is empty: give the teacher's pipeline folder")
     data = data_config(config)
     prepared = data.source == "prepared"
-    teacher_schedule, schedule, teacher_guidance = _pipeline_meta(cfg, abstract)
+    teacher_schedule, schedule, teacher_guidance = _pipeline_meta(cfg)
     try:
         grid = distill.student_grid(schedule, cfg.teacher_steps)
     except ValueError as e:
