@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from snapjax import pretrained, sampling
-from snapjax.diffusion.schedule import NoiseSchedule
+from snapjax.diffusion.schedule import NoiseSchedule, ddim_timesteps
 from snapjax.models.tokenizer import Tokenizer
 
 PIPELINE_FILE = "snapjax_pipeline.json"
@@ -36,20 +36,39 @@ DEFAULT_GUIDANCE_SCALE = 7.5
 @dataclasses.dataclass(frozen=True)
 class PipelineFile:
     """The contents of ``snapjax_pipeline.json``: schedule, default latent side, and the
-    sampling defaults the model was trained or evaluated with (None where not recorded)."""
+    sampling defaults the model was trained or evaluated with (None where not recorded).
+
+    ``timesteps`` is the exact DDIM grid of ``num_steps`` under the schedule (a distilled student
+    is only right on the grid it learned; a reader checks the schedule still gives it), and
+    ``guidance_conditioned`` says whether the UNet takes the guidance scale as an input (one
+    UNet call per step) or guidance needs two calls. Both are written by :meth:`to_json`.
+    """
 
     schedule: NoiseSchedule
     sample_size: int
     num_steps: int | None = None
     guidance_scale: float | None = None
+    guidance_conditioned: bool = False
+
+    @property
+    def timesteps(self) -> list[int] | None:
+        if self.num_steps is None:
+            return None
+        return [int(t) for t in ddim_timesteps(self.schedule, self.num_steps)]
 
     def to_json(self) -> str:
         meta = {"scheduler": dataclasses.asdict(self.schedule), "sample_size": self.sample_size}
         if self.num_steps is not None:
             meta["num_steps"] = self.num_steps
+            meta["timesteps"] = self.timesteps
         if self.guidance_scale is not None:
             meta["guidance_scale"] = self.guidance_scale
+        meta["guidance_conditioned"] = self.guidance_conditioned
         return json.dumps(meta, indent=1)
+
+
+_PIPELINE_KEYS = {"scheduler", "sample_size", "num_steps", "timesteps", "guidance_scale",
+                  "guidance_conditioned"}
 
 
 def read_pipeline_file(folder: str | os.PathLike) -> PipelineFile:
@@ -61,7 +80,7 @@ def read_pipeline_file(folder: str | os.PathLike) -> PipelineFile:
         raise ValueError(f"{path}: unreadable ({e})") from None
     if not isinstance(meta, dict):
         raise ValueError(f"{path}: expected a JSON object, got {type(meta).__name__}")
-    unknown = sorted(set(meta) - {"scheduler", "sample_size", "num_steps", "guidance_scale"})
+    unknown = sorted(set(meta) - _PIPELINE_KEYS)
     if unknown:
         raise ValueError(f"{path}: unknown key(s) {unknown}")
     for key in ("scheduler", "sample_size"):
@@ -83,10 +102,24 @@ def read_pipeline_file(folder: str | os.PathLike) -> PipelineFile:
                              f"{'integer' if kind is int else 'number'}, got {value!r}")
         return value
 
+    conditioned = meta.get("guidance_conditioned", False)
+    if not isinstance(conditioned, bool):
+        raise ValueError(f"{path}: 'guidance_conditioned' must be true or false, "
+                         f"got {conditioned!r}")
     guidance = positive("guidance_scale", (int, float))
-    return PipelineFile(schedule=schedule, sample_size=positive("sample_size", int),
+    file = PipelineFile(schedule=schedule, sample_size=positive("sample_size", int),
                         num_steps=positive("num_steps", int),
-                        guidance_scale=None if guidance is None else float(guidance))
+                        guidance_scale=None if guidance is None else float(guidance),
+                        guidance_conditioned=conditioned)
+    recorded = meta.get("timesteps")
+    if recorded is not None:
+        if file.num_steps is None:
+            raise ValueError(f"{path}: 'timesteps' without 'num_steps'")
+        if recorded != file.timesteps:
+            raise ValueError(f"{path}: 'timesteps' {recorded} is not the grid the scheduler "
+                             f"gives for {file.num_steps} steps ({file.timesteps}); the model was "
+                             "trained on the recorded grid, so the schedule must reproduce it")
+    return file
 
 
 def _check_pipeline_folder(path: Path) -> None:
@@ -132,6 +165,10 @@ class TextToImage:
         num_steps, guidance_scale = DEFAULT_NUM_STEPS, DEFAULT_GUIDANCE_SCALE
         if (path / PIPELINE_FILE).is_file():
             meta = read_pipeline_file(path)
+            if meta.guidance_conditioned != bool(unet.spec.guidance_embed_dim):
+                raise ValueError(f"{path / PIPELINE_FILE}: guidance_conditioned="
+                                 f"{str(meta.guidance_conditioned).lower()} but unet/ has "
+                                 f"guidance_embed_dim={unet.spec.guidance_embed_dim}")
             schedule, sample_size = meta.schedule, meta.sample_size
             num_steps = meta.num_steps or num_steps  # recorded values are positive
             guidance_scale = meta.guidance_scale or guidance_scale
@@ -157,9 +194,19 @@ class TextToImage:
                 pretrained.save_model(tmp / kind, kind, module.spec, params)
             self.tokenizer.save(tmp / "tokenizer")
             (tmp / PIPELINE_FILE).write_text(PipelineFile(
-                self.schedule, self.sample_size, self.num_steps, self.guidance_scale).to_json())
+                self.schedule, self.sample_size, self.num_steps, self.guidance_scale,
+                self.guidance_conditioned).to_json())
 
         return pretrained.replace_folder(path, write, overwrite=overwrite)
+
+    @property
+    def guidance_conditioned(self) -> bool:
+        """The UNet takes the guidance scale as an input: one UNet call per step, not two."""
+        return bool(self.unet.spec.guidance_embed_dim)
+
+    @property
+    def unet_calls_per_step(self) -> int:
+        return 1 if self.guidance_conditioned or self.guidance_scale == 1 else 2
 
     @property
     def vae_factor(self) -> int:
@@ -191,7 +238,10 @@ class TextToImage:
         noise = self._initial_latents(batch, seed, latents, height, width, first_index)
         ids = np.asarray(self.tokenizer(prompts), np.int32)
         uncond_ids = None
-        if guidance_scale != 1:
+        if self.guidance_conditioned and negative_prompt is not None:
+            raise ValueError("negative_prompt: this pipeline's UNet is guidance-conditioned (it "
+                             "takes the scale, not an unconditional pass), so it cannot use one")
+        if guidance_scale != 1 and not self.guidance_conditioned:
             negative = negative_prompt if negative_prompt is not None else ""
             negative = [negative] * batch if isinstance(negative, str) else list(negative)
             if len(negative) != batch:

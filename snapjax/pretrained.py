@@ -136,8 +136,11 @@ def example_inputs(kind: str, spec: Any, *, batch: int = 1, size: int | None = N
     """Smallest valid inputs for init/tracing (``size``: latent or image side)."""
     if kind == "unet":
         s = size or 2 ** (spec.num_stages - 1)
-        return (jnp.zeros((batch, s, s, spec.in_channels)), jnp.zeros((batch,), jnp.int32),
-                jnp.zeros((batch, 1, spec.context_dim)))
+        inputs = (jnp.zeros((batch, s, s, spec.in_channels)), jnp.zeros((batch,), jnp.int32),
+                  jnp.zeros((batch, 1, spec.context_dim)))
+        if spec.guidance_embed_dim:  # no block mask, a guidance scale
+            inputs += (None, jnp.ones((batch,), jnp.float32))
+        return inputs
     if kind == "vae":
         s = size or 2 ** (len(spec.encoder_channels) - 1)
         return (jnp.zeros((batch, s, s, spec.in_channels)),)

@@ -61,14 +61,22 @@ def ddim_latents(unet: nn.Module, unet_params, noise_BhwC: jax.Array, ctx_cond_B
     """DDIM from ``noise_BhwC`` to final float32 latents (unscaled, as the UNet sees them).
 
     Guidance runs unless ``guidance_scale`` is the number 1; ``ctx_uncond_BLD`` (batch 1 or B)
-    is then the empty or negative prompt's context. ``block_mask``: the UNet's (N,) or per-example
+    is then the empty or negative prompt's context. A guidance-conditioned UNet
+    (``spec.guidance_embed_dim > 0``) takes the scale as its input instead: one call per step,
+    ``ctx_uncond_BLD`` unused. ``block_mask``: the UNet's (N,) or per-example
     (B, N) mask (1 run, 0 drop), a traced argument: every mask of one shape shares one compiled
     sampler. None runs every block (what evaluation and ``snapjax sample`` do).
     """
     bound = {}
+    guided = not (isinstance(guidance_scale, numbers.Number) and guidance_scale == 1)
+    if unet.spec.guidance_embed_dim:
+        # A guidance-conditioned UNet outputs the guided prediction itself: one call per step on
+        # the B batch, no unconditional half (what diffusers' pipeline does with such a UNet).
+        bound["guidance_B"] = jnp.broadcast_to(jnp.asarray(guidance_scale, jnp.float32),
+                                               (noise_BhwC.shape[0],))
+        guided, guidance_scale, ctx_uncond_BLD = False, 1, None
     if block_mask is not None:
         mask = jnp.asarray(block_mask, jnp.float32)
-        guided = not (isinstance(guidance_scale, numbers.Number) and guidance_scale == 1)
         if mask.ndim == 2 and guided:
             # Guidance calls the UNet once on the 2B batch [uncond; cond] (ddim.guided_output):
             # each example's row goes with both of its halves.

@@ -120,6 +120,10 @@ def test_save_and_reload_snapjax_folder(pipelines, tmp_path):
     (lambda m: m.update(steps=8), r"unknown key\(s\) \['steps'\]"),
     (lambda m: m.pop("sample_size"), "missing key 'sample_size'"),
     (lambda m: m["scheduler"].update(prediction_type="x0"), "bad 'scheduler'.*prediction_type"),
+    (lambda m: m.update(timesteps=[999, 500, 1]), r"'timesteps' \[999, 500, 1\] is not the grid"),
+    (lambda m: m.update(guidance_conditioned=1), "'guidance_conditioned' must be true or false"),
+    (lambda m: m.update(guidance_conditioned=True),
+     "guidance_conditioned=true but unet/ has guidance_embed_dim=0"),
 ])
 def test_bad_pipeline_file(pipelines, tmp_path, edit, match):
     _, pipe = pipelines("epsilon", "leading")
@@ -129,6 +133,43 @@ def test_bad_pipeline_file(pipelines, tmp_path, edit, match):
     (out / PIPELINE_FILE).write_text(json.dumps(meta))
     with pytest.raises(ValueError, match=f"{PIPELINE_FILE}: {match}"):
         TextToImage.from_pretrained(out)
+
+
+def test_saved_folder_records_the_exact_grid(pipelines, tmp_path):
+    _, pipe = pipelines("epsilon", "leading")
+    pipe = copy.copy(pipe)
+    pipe.num_steps = 4
+    meta = json.loads((pipe.save_pretrained(tmp_path / "snap") / PIPELINE_FILE).read_text())
+    assert meta["timesteps"] == [751, 501, 251, 1]  # DDIMScheduler, leading, steps_offset 1
+    assert meta["guidance_conditioned"] is False and pipe.unet_calls_per_step == 2
+
+
+def test_guidance_conditioned_pipeline_samples_with_one_call(pipelines, tmp_path):
+    """A UNet given a zero guidance projection is the plain UNet at every w: its folder samples,
+    at any scale, what the plain pipeline samples unguided, with one UNet call per step."""
+    import jax
+    from snapjax.models.unet import with_guidance_input
+    _, plain = pipelines("v_prediction", "trailing")
+    spec, params = with_guidance_input(plain.unet.spec, plain.unet_params, 16)
+    pipe = copy.copy(plain)
+    pipe.unet, pipe.unet_params = plain.unet.clone(spec=spec), params
+    pipe.num_steps, pipe.guidance_scale = 4, 6.0
+    assert pipe.guidance_conditioned and pipe.unet_calls_per_step == 1
+    again = TextToImage.from_pretrained(pipe.save_pretrained(tmp_path / "guided"))
+    assert again.guidance_conditioned and again.unet.spec.guidance_embed_dim == 16
+    assert json.loads((tmp_path / "guided" / PIPELINE_FILE).read_text())["guidance_conditioned"]
+    one_call = again(PROMPTS, seed=0, return_latents=True)
+    unguided = plain(PROMPTS, num_steps=4, guidance_scale=1.0, seed=0, return_latents=True)
+    np.testing.assert_allclose(one_call, unguided, atol=1e-5)
+    # with a non-zero projection the scale changes the samples
+    kernel = params["time_embedding"]["cond_proj"]["kernel"]
+    params["time_embedding"]["cond_proj"]["kernel"] = 0.05 * jax.random.normal(
+        jax.random.key(0), kernel.shape)
+    pipe.unet_params = params
+    assert np.abs(pipe(PROMPTS, seed=0, guidance_scale=2.0, return_latents=True)
+                  - pipe(PROMPTS, seed=0, guidance_scale=8.0, return_latents=True)).max() > 1e-3
+    with pytest.raises(ValueError, match="negative_prompt: .*guidance-conditioned"):
+        pipe(PROMPTS, negative_prompt="blue")
 
 
 def test_bad_inputs(pipelines, tmp_path):

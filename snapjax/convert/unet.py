@@ -37,7 +37,7 @@ _DEFAULTS: dict[str, Any] = {
     "block_out_channels": (320, 640, 1280, 1280), "layers_per_block": 2,
     "norm_num_groups": 32, "norm_eps": 1e-5, "cross_attention_dim": 1280,
     "transformer_layers_per_block": 1, "attention_head_dim": 8, "num_attention_heads": None,
-    "use_linear_projection": False, "time_embedding_dim": None,
+    "use_linear_projection": False, "time_embedding_dim": None, "time_cond_proj_dim": None,
 }
 
 # Keys whose other values change the network in ways the Flax UNet does not implement.
@@ -62,7 +62,6 @@ _REQUIRED: dict[str, tuple[Any, ...]] = {
     "time_embedding_type": ("positional",),
     "time_embedding_act_fn": (None,),
     "timestep_post_act": (None,),
-    "time_cond_proj_dim": (None,),
     "conv_in_kernel": (3,),
     "conv_out_kernel": (3,),
     "attention_type": ("default",),
@@ -162,6 +161,7 @@ def spec_from_diffusers_config(config: Mapping[str, Any]) -> UNetSpec:
         time_embed_dim=c["time_embedding_dim"],
         flip_sin_to_cos=bool(c["flip_sin_to_cos"]),
         freq_shift=c["freq_shift"],
+        guidance_embed_dim=int(c["time_cond_proj_dim"] or 0),
     )
 
 
@@ -223,6 +223,7 @@ def diffusers_config_from_spec(spec: UNetSpec) -> dict[str, Any]:
         "attention_head_dim": list(spec.num_heads),  # means heads: see spec_from_diffusers_config
         "use_linear_projection": spec.use_linear_projection,
         "time_embedding_dim": spec.time_embed_dim,
+        "time_cond_proj_dim": spec.guidance_embed_dim or None,
     }
 
 

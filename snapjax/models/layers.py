@@ -40,6 +40,14 @@ def timestep_embedding(t_B: jax.Array, dim: int, *, flip_sin_to_cos: bool = True
     return emb
 
 
+def guidance_embedding(w_B: jax.Array, dim: int) -> jax.Array:
+    """Sinusoidal features of the guidance scale w, as StableDiffusionPipeline feeds a UNet with
+    ``time_cond_proj_dim``: sin then cos of (w - 1) * 1000 at frequencies 10000^(-i / (dim/2 - 1)).
+    The (w - 1) is diffusers' convention, so an exported diffusers folder samples the same."""
+    return timestep_embedding((jnp.asarray(w_B, jnp.float32) - 1.0) * 1000.0, dim,
+                              flip_sin_to_cos=False, freq_shift=1)
+
+
 class ResnetBlock(nn.Module):
     """diffusers' ResnetBlock2D (pre-norm, SiLU, optional time embedding).
 

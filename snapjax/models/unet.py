@@ -6,7 +6,7 @@ D context width, T time-embedding width, F sinusoid width (block_channels[0]).
 Which blocks exist is data (:class:`~snapjax.models.unet_spec.UNetSpec`); this module only walks
 it. Parameter names are a contract with the importer, the exporters and evolution:
 
-  conv_in, time_embedding/linear_{1,2},
+  conv_in, time_embedding/linear_{1,2} (and time_embedding/cond_proj with a guidance input),
   down_{s}_{u}_res[_k], down_{s}_{u}_attn[_k], down_{s}_downsample,
   mid_res_{k}, mid_attn[_k],
   up_{s}_{u}_res[_k], up_{s}_{u}_attn[_k], up_{s}_upsample,
@@ -20,6 +20,7 @@ the block's count among its kind in the unit (omitted for the first; see
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from typing import Any
 
@@ -29,7 +30,7 @@ import jax.numpy as jnp
 
 from snapjax.models.attention import Attention
 from snapjax.models.layers import (Downsample, ResnetBlock, Upsample, conv, group_norm,
-                                   timestep_embedding)
+                                   guidance_embedding, timestep_embedding)
 from snapjax.models.unet_spec import UNetSpec, letter_names
 
 # Transformer2DModel's GroupNorm eps is fixed in diffusers, unlike the ResNets' norm_eps.
@@ -39,13 +40,18 @@ _FF_MULT = 4
 
 
 class TimestepEmbedding(nn.Module):
-    """linear_1 -> SiLU -> linear_2 on the sinusoidal embedding."""
+    """linear_1 -> SiLU -> linear_2 on the sinusoidal embedding; with a condition (the guidance
+    features), ``cond_proj`` of it is added to the sinusoid first (diffusers' cond_proj)."""
 
     dim: int
     dtype: Any = jnp.float32
 
     @nn.compact
-    def __call__(self, t_BF: jax.Array) -> jax.Array:
+    def __call__(self, t_BF: jax.Array, cond_BG: jax.Array | None = None) -> jax.Array:
+        if cond_BG is not None:
+            # Zero-initialised: a UNet given a guidance input starts as the UNet without it.
+            t_BF = t_BF + nn.Dense(t_BF.shape[-1], use_bias=False, dtype=self.dtype,
+                                   kernel_init=nn.initializers.zeros, name="cond_proj")(cond_BG)
         h = nn.Dense(self.dim, dtype=self.dtype, name="linear_1")(t_BF)
         return nn.Dense(self.dim, dtype=self.dtype, name="linear_2")(nn.silu(h))
 
@@ -128,11 +134,14 @@ class UNet(nn.Module):
 
     @nn.compact
     def __call__(self, sample_BHWC: jax.Array, timesteps_B: jax.Array, context_BLD: jax.Array,
-                 block_mask: jax.Array | None = None) -> jax.Array:
+                 block_mask: jax.Array | None = None,
+                 guidance_B: jax.Array | None = None) -> jax.Array:
         """``block_mask``: optional floats in ``spec.block_names()`` order, 1 run / 0 drop: one
-        vector for the whole batch (N,) or one row per example (B, N), at the same cost."""
+        vector for the whole batch (N,) or one row per example (B, N), at the same cost.
+        ``guidance_B``: the guidance scale w (scalar or (B,)), required exactly when
+        ``spec.guidance_embed_dim > 0``; such a UNet's output is the guided one."""
         spec, dt = self.spec, self.dtype
-        _check_inputs(spec, sample_BHWC, timesteps_B, context_BLD, block_mask)
+        _check_inputs(spec, sample_BHWC, timesteps_B, context_BLD, block_mask, guidance_B)
         B = sample_BHWC.shape[0]
         keep = _keep_lookup(spec, block_mask)
         ctx_BLD = context_BLD.astype(dt)
@@ -140,7 +149,12 @@ class UNet(nn.Module):
         t_B = jnp.broadcast_to(jnp.asarray(timesteps_B), (B,))
         t_BF = timestep_embedding(t_B, spec.block_channels[0], flip_sin_to_cos=spec.flip_sin_to_cos,
                                   freq_shift=spec.freq_shift)
-        temb_BT = TimestepEmbedding(spec.time_dim, dt, name="time_embedding")(t_BF.astype(dt))
+        cond_BG = None
+        if spec.guidance_embed_dim:
+            w_B = jnp.broadcast_to(jnp.asarray(guidance_B, jnp.float32), (B,))
+            cond_BG = guidance_embedding(w_B, spec.guidance_embed_dim).astype(dt)
+        temb_BT = TimestepEmbedding(spec.time_dim, dt, name="time_embedding")(t_BF.astype(dt),
+                                                                               cond_BG)
 
         resnet_cls, transformer_cls = ResnetBlock, Transformer2D
         if self.remat:
@@ -183,7 +197,8 @@ class UNet(nn.Module):
         return x.astype(jnp.float32)
 
 
-def _check_inputs(spec: UNetSpec, sample_BHWC, timesteps_B, context_BLD, block_mask) -> None:
+def _check_inputs(spec: UNetSpec, sample_BHWC, timesteps_B, context_BLD, block_mask,
+                  guidance_B) -> None:
     # Shapes are static under jit, so these checks cost nothing at run time.
     if sample_BHWC.ndim != 4 or sample_BHWC.shape[-1] != spec.in_channels:
         raise ValueError(f"UNet: sample must be B H W {spec.in_channels} (NHWC), "
@@ -206,6 +221,16 @@ def _check_inputs(spec: UNetSpec, sample_BHWC, timesteps_B, context_BLD, block_m
         raise ValueError(f"UNet: block_mask must have shape ({spec.num_blocks},) or "
                          f"({B}, {spec.num_blocks}) (one entry per spec.block_names()), got "
                          f"{tuple(jnp.shape(block_mask))}")
+    if spec.guidance_embed_dim and guidance_B is None:
+        raise ValueError("UNet: this UNet is guidance-conditioned (spec.guidance_embed_dim="
+                         f"{spec.guidance_embed_dim}): pass guidance_B, the guidance scale")
+    if not spec.guidance_embed_dim and guidance_B is not None:
+        raise ValueError("UNet: guidance_B given, but this UNet has no guidance input "
+                         "(spec.guidance_embed_dim=0); apply guidance with two calls instead")
+    if guidance_B is not None and (jnp.ndim(guidance_B) not in (0, 1) or (
+            jnp.ndim(guidance_B) == 1 and jnp.shape(guidance_B)[0] not in (1, B))):
+        raise ValueError(f"UNet: guidance_B must be a scalar or shape ({B},), "
+                         f"got shape {tuple(jnp.shape(guidance_B))}")
 
 
 def _keep_lookup(spec: UNetSpec, block_mask):
@@ -225,7 +250,9 @@ def _dummy_inputs(spec: UNetSpec, sample_size: int):
     size -= size % 2 ** (spec.num_stages - 1)
     return (jnp.zeros((1, size, size, spec.in_channels), jnp.float32),
             jnp.zeros((1,), jnp.float32),
-            jnp.zeros((1, 1, spec.context_dim), jnp.float32))
+            jnp.zeros((1, 1, spec.context_dim), jnp.float32),
+            None,
+            jnp.ones((1,), jnp.float32) if spec.guidance_embed_dim else None)
 
 
 def init_unet(spec: UNetSpec, rng: jax.Array, *, sample_size: int = 8,
@@ -252,6 +279,22 @@ def abstract_unet_params(spec: UNetSpec) -> dict:
 def _abstract_params_cached(spec: UNetSpec) -> dict:
     # Tracing SD-v1.5's init takes seconds; import, export and evolution ask for it repeatedly.
     return jax.eval_shape(lambda: init_unet(spec, jax.random.key(0)))
+
+
+def with_guidance_input(spec: UNetSpec, params: dict, dim: int) -> tuple[UNetSpec, dict]:
+    """``spec`` and ``params`` given a guidance input of ``dim`` features whose projection is
+    zero, so the new UNet computes what the old one did at any w (a guidance-conditioned student
+    starts as its teacher). The input dict is not modified."""
+    if spec.guidance_embed_dim:
+        raise ValueError(f"the UNet already has a guidance input (guidance_embed_dim="
+                         f"{spec.guidance_embed_dim})")
+    if dim <= 0:
+        raise ValueError(f"guidance input width must be > 0, got {dim}")
+    new_spec = dataclasses.replace(spec, guidance_embed_dim=dim)
+    time_embedding = dict(params["time_embedding"])
+    time_embedding["cond_proj"] = {
+        "kernel": jnp.zeros((dim, spec.block_channels[0]), jnp.float32)}
+    return new_spec, {**params, "time_embedding": time_embedding}
 
 
 def count_params(params: Any) -> int:

@@ -117,9 +117,17 @@ class UNetSpec:
     time_embed_dim: int | None = None  # default 4 * block_channels[0]
     flip_sin_to_cos: bool = True
     freq_shift: int = 0
+    # > 0: the UNet also takes the guidance scale w, as sinusoidal features of this width through
+    # a projection added to the time embedding's input (a guidance-conditioned student samples
+    # with one call per step; diffusers calls the width time_cond_proj_dim). 0: no guidance input.
+    guidance_embed_dim: int = 0
 
     def __post_init__(self):
         n = len(self.block_channels)
+        if isinstance(self.guidance_embed_dim, bool) or not isinstance(self.guidance_embed_dim, int) \
+                or self.guidance_embed_dim < 0:
+            raise ValueError(f"UNetSpec.guidance_embed_dim={self.guidance_embed_dim!r} must be an "
+                             "integer >= 0 (0: no guidance input)")
         for field in ("down", "up", "num_heads", "transformer_layers"):
             if len(getattr(self, field)) != n:
                 raise ValueError(f"UNetSpec.{field} has {len(getattr(self, field))} stages, "

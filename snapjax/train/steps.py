@@ -147,6 +147,11 @@ def encoded_inputs(params, frozen, batch: dict, rng: jax.Array, *, vae: nn.Modul
     return jax.lax.stop_gradient(latents), ctx
 
 
+def takes_guidance(unet: nn.Module) -> bool:
+    """Whether the UNet has a guidance input (a module without a spec, a test double, has not)."""
+    return bool(getattr(getattr(unet, "spec", None), "guidance_embed_dim", 0))
+
+
 def diffusion_loss(params, frozen, batch: dict, rng: jax.Array, *, unet: nn.Module,
                    inputs: Callable, schedule: NoiseSchedule,
                    min_snr_gamma: float | None = None,
@@ -171,6 +176,10 @@ def diffusion_loss(params, frozen, batch: dict, rng: jax.Array, *, unet: nn.Modu
         mask = block_mask(robust.mask_key(rng), B)
         metrics["robust/keep_fraction"] = jnp.mean(mask)
         unet_kwargs["block_mask"] = mask
+    if takes_guidance(unet):
+        # A guidance-conditioned UNet's w = 1 output is the plain conditional one: what the
+        # denoising loss trains (its guided outputs are learned from a teacher).
+        unet_kwargs["guidance_B"] = jnp.ones((B,), jnp.float32)
     pred = unet.apply({"params": params["unet"]}, z_t, t_B, ctx_BLD, **unet_kwargs)
     per_example_B = jnp.mean(jnp.square(pred.astype(jnp.float32) - target), axis=(1, 2, 3))
     weight_B = min_snr_weight(abar_B, min_snr_gamma, schedule.prediction_type)
@@ -275,7 +284,10 @@ def step_distill_loss(params, frozen, batch: dict, rng: jax.Array, *, student: n
     and noises its latent to z_t. Vanilla loss: the student's output against the teacher's
     two-step target. CFG-aware loss (with probability ``cfg_prob`` per step): w ~ U[guidance_range]
     per example and every teacher and student output is w out(c) - (w - 1) out(empty)
-    (``uncond(frozen)``: the empty prompt's context (1, L, D)). Plus ``gamma`` times the student's
+    (``uncond(frozen)``: the empty prompt's context (1, L, D)). A guidance-conditioned student
+    (``spec.guidance_embed_dim > 0``) gives its guided output in one call with w as its input;
+    each of its examples takes a drawn w with probability ``cfg_prob`` and w = 1 otherwise. A
+    guidance-conditioned teacher is called the same way. Plus ``gamma`` times the student's
     plain denoising loss on the same latents at a uniform timestep; ``dynamic`` scales that term
     to the distillation loss's size (``gamma * sg(L_distill / L_orig) * L_orig``), ``constant``
     adds it as is.
@@ -302,35 +314,56 @@ def step_distill_loss(params, frozen, batch: dict, rng: jax.Array, *, student: n
     def student_apply(z, t, ctx, **kw):
         return student.apply({"params": params["unet"]}, z, t, ctx, **kw)
 
-    def teacher_apply(z, t, ctx):
-        return teacher.apply({"params": frozen["teacher"]}, z, t, ctx)
+    def teacher_apply(z, t, ctx, **kw):
+        return teacher.apply({"params": frozen["teacher"]}, z, t, ctx, **kw)
 
-    def vanilla():
-        target = distill.two_step_target(lambda z, t: teacher_apply(z, t, ctx_BLD), z_t, t_B,
-                                         mid_B, s_B, teacher_schedule)
-        out = student_apply(z_t, t_B, ctx_BLD, **masked)
-        return distill.distill_loss(out, z_t, jax.lax.stop_gradient(target), abar_B,
-                                    prediction_type=schedule.prediction_type, space=space)
+    def guided(apply, conditioned, z, t, empty, w_B, **kw):
+        """w out(c) - (w - 1) out(empty): one call with w for a guidance-conditioned UNet, two
+        (a 2B batch) otherwise."""
+        if conditioned:
+            return apply(z, t, ctx_BLD, guidance_B=w_B, **kw).astype(jnp.float32)
+        if "block_mask" in kw:  # the 2B batch's rows: uncond then cond, one mask row each
+            kw = {**kw, "block_mask": jnp.concatenate([kw["block_mask"]] * 2)}
+        return guided_output(lambda zz, tt, c: apply(zz, tt, c, **kw), z, t, ctx_BLD, empty, w_B)
 
-    def cfg_aware():
-        w_B = jax.random.uniform(r_w, (B,), minval=guidance_range[0], maxval=guidance_range[1])
+    def loss_at(w_B):
+        """The distillation loss with every teacher and student output guided at w_B."""
         empty = jnp.broadcast_to(uncond(frozen).astype(ctx_BLD.dtype), ctx_BLD.shape)
         target = distill.two_step_target(
-            lambda z, t: guided_output(teacher_apply, z, t, ctx_BLD, empty, w_B), z_t, t_B,
+            lambda z, t: guided(teacher_apply, teacher_conditioned, z, t, empty, w_B), z_t, t_B,
             mid_B, s_B, teacher_schedule)
-        kw = {"block_mask": jnp.concatenate([masked["block_mask"]] * 2)} if masked else {}
-        out = guided_output(lambda z, t, c: student_apply(z, t, c, **kw), z_t, t_B, ctx_BLD,
-                            empty, w_B)
+        out = guided(student_apply, student_conditioned, z_t, t_B, empty, w_B, **masked)
         return distill.distill_loss(out, z_t, jax.lax.stop_gradient(target), abar_B,
                                     prediction_type=schedule.prediction_type, space=space)
 
-    if cfg_prob >= 1.0:
-        per_example, used_cfg = cfg_aware(), jnp.float32(1)
+    def vanilla():
+        # The plain loss is the guided one at w = 1 (out(c)), without the unconditional calls.
+        ones = {"guidance_B": jnp.ones((B,), jnp.float32)}
+        target = distill.two_step_target(
+            lambda z, t: teacher_apply(z, t, ctx_BLD, **(ones if teacher_conditioned else {})),
+            z_t, t_B, mid_B, s_B, teacher_schedule)
+        out = student_apply(z_t, t_B, ctx_BLD, **masked,
+                            **(ones if student_conditioned else {}))
+        return distill.distill_loss(out, z_t, jax.lax.stop_gradient(target), abar_B,
+                                    prediction_type=schedule.prediction_type, space=space)
+
+    def drawn_w():
+        return jax.random.uniform(r_w, (B,), minval=guidance_range[0], maxval=guidance_range[1])
+
+    student_conditioned, teacher_conditioned = takes_guidance(student), takes_guidance(teacher)
+    if student_conditioned:
+        # One student call whatever w is, so the choice is per example and costs nothing: w is
+        # drawn with probability cfg_prob and is 1 (the plain loss) otherwise.
+        use_B = jax.random.bernoulli(r_cfg, cfg_prob, (B,))
+        per_example = loss_at(jnp.where(use_B, drawn_w(), 1.0))
+        used_cfg = jnp.mean(use_B.astype(jnp.float32))
+    elif cfg_prob >= 1.0:
+        per_example, used_cfg = loss_at(drawn_w()), jnp.float32(1)
     elif cfg_prob <= 0.0:
         per_example, used_cfg = vanilla(), jnp.float32(0)
     else:
         use = jax.random.bernoulli(r_cfg, cfg_prob)
-        per_example = jax.lax.cond(use, cfg_aware, vanilla)
+        per_example = jax.lax.cond(use, lambda: loss_at(drawn_w()), vanilla)
         used_cfg = use.astype(jnp.float32)
     distill_term = jnp.mean(per_example)
     metrics.update({"distill": distill_term, "cfg_aware": used_cfg})

@@ -131,6 +131,34 @@ def test_tiny_preset_exports_to_a_diffusers_config_and_back(tmp_path):
     assert err < TOL
 
 
+def test_guidance_conditioned_unet_matches_diffusers_time_cond_proj(tmp_path):
+    """A UNet with time_cond_proj_dim (LCM's guidance embedding) imports as guidance_embed_dim,
+    and w enters as StableDiffusionPipeline feeds it: get_guidance_scale_embedding(w - 1)."""
+    from diffusers import StableDiffusionPipeline
+    config = {**CONFIGS["sd15_shaped"], "time_cond_proj_dim": 24}
+    model = build_diffusers_unet(config)
+    model.save_pretrained(tmp_path)
+    (x, t, ctx), _ = reference(model)
+    w = np.array([1.0, 7.5], np.float32)
+    cond = StableDiffusionPipeline.get_guidance_scale_embedding(
+        None, torch.from_numpy(w - 1), embedding_dim=24)
+    with torch.no_grad():
+        ref = model(torch.from_numpy(x.transpose(0, 3, 1, 2)), torch.from_numpy(t),
+                    torch.from_numpy(ctx), timestep_cond=cond).sample.numpy().transpose(0, 2, 3, 1)
+    module, params = load_unet(tmp_path)
+    assert module.spec.guidance_embed_dim == 24
+    assert params["time_embedding"]["cond_proj"]["kernel"].shape == (24, 32)
+    out = jax.jit(module.apply)({"params": params}, jnp.asarray(x), jnp.asarray(t),
+                                jnp.asarray(ctx), guidance_B=jnp.asarray(w))
+    err = float(np.abs(np.asarray(out) - ref).max() / np.abs(ref).max())
+    assert err < TOL
+    assert diffusers_config_from_spec(module.spec)["time_cond_proj_dim"] == 24
+    # w matters: the other scale gives another output
+    other = module.apply({"params": params}, jnp.asarray(x), jnp.asarray(t), jnp.asarray(ctx),
+                         guidance_B=jnp.asarray(w[::-1].copy()))
+    assert float(np.abs(np.asarray(other) - ref).max() / np.abs(ref).max()) > 100 * TOL
+
+
 def test_sd15_config_is_the_sd15_preset():
     assert spec_from_diffusers_config(SD15_CONFIG) == SD15
     assert spec_from_diffusers_config({"_class_name": "UNet2DConditionModel",

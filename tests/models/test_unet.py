@@ -227,3 +227,39 @@ def test_remat_keeps_values_and_gradients_and_saves_less(rel_err):
     param_bytes = sum(a.nbytes for a in jax.tree.leaves(params))
     kept, kept_r = kept_bytes(False) - param_bytes, kept_bytes(True) - param_bytes
     assert kept_r < 0.25 * kept, (kept, kept_r)
+
+
+def test_guidance_input_starts_at_zero_and_then_conditions_on_w():
+    """with_guidance_input adds a zero projection: the same output at every w; with weights in
+    it the output depends on w, and the features are diffusers' guidance embedding of w - 1."""
+    from snapjax.models.layers import guidance_embedding
+    from snapjax.models.unet import with_guidance_input
+    params = init_unet(TINY, jax.random.key(0))
+    spec, guided = with_guidance_input(TINY, params, 16)
+    assert "cond_proj" not in params["time_embedding"]  # the input tree is not modified
+    z = jax.random.normal(jax.random.key(1), (2, 8, 8, 4))
+    t, ctx = jnp.array([10, 700]), jax.random.normal(jax.random.key(2), (2, 3, TINY.context_dim))
+    plain = UNet(TINY).apply({"params": params}, z, t, ctx)
+    for w in (1.0, 7.5):
+        np.testing.assert_array_equal(
+            UNet(spec).apply({"params": guided}, z, t, ctx, guidance_B=jnp.full((2,), w)), plain)
+    guided["time_embedding"]["cond_proj"]["kernel"] = jax.random.normal(jax.random.key(3),
+                                                                         (16, 32))
+    a = UNet(spec).apply({"params": guided}, z, t, ctx, guidance_B=2.0)
+    b = UNet(spec).apply({"params": guided}, z, t, ctx, guidance_B=jnp.array([2.0, 9.0]))
+    np.testing.assert_allclose(a[0], b[0], rtol=1e-5, atol=1e-6)
+    assert float(jnp.abs(a[1] - b[1]).max()) > 1e-3
+    # closed form: sin then cos of (w - 1) * 1000 * 10000^(-i / (half - 1))
+    w = np.array([1.0, 3.5])
+    freqs = np.exp(-np.log(10000.0) * np.arange(8) / 7)
+    args = (w[:, None] - 1) * 1000 * freqs[None]
+    np.testing.assert_allclose(guidance_embedding(jnp.asarray(w), 16),
+                               np.concatenate([np.sin(args), np.cos(args)], 1), atol=1e-4)
+    with pytest.raises(ValueError, match="pass guidance_B"):
+        UNet(spec).apply({"params": guided}, z, t, ctx)
+    with pytest.raises(ValueError, match="no guidance input"):
+        UNet(TINY).apply({"params": params}, z, t, ctx, guidance_B=3.0)
+    with pytest.raises(ValueError, match="already has a guidance input"):
+        with_guidance_input(spec, guided, 16)
+    with pytest.raises(ValueError, match="guidance_embed_dim=-2 must be an integer >= 0"):
+        dataclasses.replace(TINY, guidance_embed_dim=-2)

@@ -70,6 +70,55 @@ def test_cfg_aware_loss_is_the_guided_combination():
     assert _loss(c, u, cfg_prob=0.0)[0] != pytest.approx(plain, rel=1e-3)  # w matters
 
 
+class GuidedLinearInContext(nn.Module):
+    """A guidance-conditioned double of LinearInContext: given w, it returns the two-call guided
+    output w f(c) - (w - 1) f(empty) itself, in one call."""
+
+    empty: np.ndarray
+    spec = dataclasses.make_dataclass("Spec", [("guidance_embed_dim", int, 8)])()
+
+    @nn.compact
+    def __call__(self, z, t, ctx, block_mask=None, guidance_B=None):
+        f = LinearInContext(name="f")
+        empty = jnp.broadcast_to(jnp.asarray(self.empty), ctx.shape)
+        w = guidance_B[:, None, None, None]
+        return w * f(z, t, ctx) - (w - 1) * f(z, t, empty)
+
+
+def _conditioned_loss(ctx, empty, cfg_prob, w=3.0):
+    model = GuidedLinearInContext(empty)
+    z = np.random.default_rng(0).normal(size=(4, 4, 4, 3)).astype(np.float32)
+    plain = LinearInContext().init(jax.random.key(0), z, jnp.zeros((4,), jnp.int32),
+                                   ctx)["params"]
+    schedule = NoiseSchedule(prediction_type="v_prediction", timestep_spacing="trailing")
+    loss, metrics = steps.step_distill_loss(
+        {"unet": {"f": plain}}, {"teacher": jax.tree.map(lambda x: x * 1.1, plain),
+                                 "empty_context": empty},
+        {"latent": z, "context": ctx}, jax.random.key(7), student=model, teacher=LinearInContext(),
+        inputs=functools.partial(steps.cached_inputs, caption_dropout=0.0),
+        uncond=lambda fr: fr["empty_context"], schedule=schedule, teacher_schedule=schedule,
+        grid=distill.student_grid(schedule, 8), space="x", cfg_prob=cfg_prob,
+        guidance_range=(w, w), gamma=0.0, gamma_scaling="dynamic")
+    return float(loss), metrics
+
+
+def test_guidance_conditioned_student_learns_the_guided_teacher_in_one_call():
+    """A student given w that computes the guided output itself has exactly the two-call
+    student's CFG-aware loss at p = 1 (every example at the drawn w) and the vanilla loss at
+    p = 0 (w = 1), with the same randomness."""
+    rng = np.random.default_rng(1)
+    ctx = rng.normal(size=(4, 5, 6)).astype(np.float32)
+    empty = rng.normal(size=(1, 5, 6)).astype(np.float32)
+    two_call_cfg, _ = _loss(ctx, empty, cfg_prob=1.0)
+    two_call_plain, _ = _loss(ctx, empty, cfg_prob=0.0)
+    one_call_cfg, metrics = _conditioned_loss(ctx, empty, cfg_prob=1.0)
+    one_call_plain, plain_metrics = _conditioned_loss(ctx, empty, cfg_prob=0.0)
+    np.testing.assert_allclose(one_call_cfg, two_call_cfg, rtol=1e-5)
+    np.testing.assert_allclose(one_call_plain, two_call_plain, rtol=1e-5)
+    assert abs(two_call_cfg - two_call_plain) > 1e-3 * two_call_plain  # w matters here
+    assert float(metrics["cfg_aware"]) == 1.0 and float(plain_metrics["cfg_aware"]) == 0.0
+
+
 def test_sharded_distillation_step_matches_single_device():
     step = """
         from snapjax.diffusion import distill as distill_lib
@@ -127,6 +176,18 @@ def test_builds_with_the_teacher_frozen_and_the_student_trained(teacher):
     assert set(objective.pretrained) == {"unet"} and "teacher" in objective.frozen
     assert objective.step.keywords["grid"][0].tolist() == [999, 749, 499, 249]
     assert objective.step.keywords["schedule"].timestep_spacing == "trailing"
+
+
+def test_a_guidance_conditioned_student_starts_as_its_init(teacher):
+    objective = _objective(teacher, "--config.distill.guidance_embed_dim=8",
+                           "--config.distill.cfg_prob=1")
+    student = objective.step.keywords["student"]
+    assert student.spec.guidance_embed_dim == 8
+    assert objective.step.keywords["teacher"].spec.guidance_embed_dim == 0
+    kernel = np.asarray(objective.pretrained["unet"]["time_embedding"]["cond_proj"]["kernel"])
+    assert kernel.shape == (8, student.spec.block_channels[0]) and not kernel.any()
+    with pytest.raises(ConfigError, match="guidance_embed_dim=-1 must be >= 0"):
+        _objective(teacher, "--config.distill.guidance_embed_dim=-1")
 
 
 def test_bad_inputs_are_named(teacher):
