@@ -269,13 +269,14 @@ def decoder_distill_step(state: TrainState, batch: dict, rng: jax.Array, frozen:
 # ----------------------------------------------------------------------------- step distillation
 
 GAMMA_SCALINGS = ("dynamic", "constant")
+CFG_MIXES = ("cond", "w_one")
 
 
 def step_distill_loss(params, frozen, batch: dict, rng: jax.Array, *, student: nn.Module,
                       teacher: nn.Module, inputs: Callable, uncond: Callable,
                       schedule: NoiseSchedule, teacher_schedule: NoiseSchedule, grid,
                       space: str, cfg_prob: float, guidance_range: tuple[float, float],
-                      gamma: float, gamma_scaling: str,
+                      gamma: float, gamma_scaling: str, cfg_mix: str = "cond",
                       block_mask: robust.MaskFn | None = None) -> tuple[jax.Array, dict]:
     """Step distillation of ``params["unet"]`` from the frozen ``frozen["teacher"]`` (any UNet
     spec: direct distillation); see :mod:`snapjax.diffusion.distill`.
@@ -287,7 +288,9 @@ def step_distill_loss(params, frozen, batch: dict, rng: jax.Array, *, student: n
     (``uncond(frozen)``: the empty prompt's context (1, L, D)). A guidance-conditioned student
     (``spec.guidance_embed_dim > 0``) gives its guided output in one call with w as its input;
     each of its examples takes a drawn w with probability ``cfg_prob`` and w = 1 otherwise. A
-    guidance-conditioned teacher is called the same way. Plus ``gamma`` times the student's
+    guidance-conditioned teacher is called the same way. ``cfg_mix`` (for 0 < p < 1): "cond"
+    runs only the chosen loss (``lax.cond``), "w_one" runs the guided loss every step with w = 1
+    on plain steps (the same loss, no branch). Plus ``gamma`` times the student's
     plain denoising loss on the same latents at a uniform timestep; ``dynamic`` scales that term
     to the distillation loss's size (``gamma * sg(L_distill / L_orig) * L_orig``), ``constant``
     adds it as is.
@@ -361,9 +364,16 @@ def step_distill_loss(params, frozen, batch: dict, rng: jax.Array, *, student: n
         per_example, used_cfg = loss_at(drawn_w()), jnp.float32(1)
     elif cfg_prob <= 0.0:
         per_example, used_cfg = vanilla(), jnp.float32(0)
-    else:
+    elif cfg_mix == "cond":
         use = jax.random.bernoulli(r_cfg, cfg_prob)
         per_example = jax.lax.cond(use, lambda: loss_at(drawn_w()), vanilla)
+        used_cfg = use.astype(jnp.float32)
+    else:
+        # "w_one": the plain loss is the guided one at w = 1, so no branch is needed, at the cost
+        # of the unconditional calls on plain steps too. XLA:CPU runs the lax.cond step 3x slower
+        # than either branch alone (docs/distill.md), more than the extra calls cost there.
+        use = jax.random.bernoulli(r_cfg, cfg_prob)
+        per_example = loss_at(jnp.where(use, drawn_w(), 1.0))
         used_cfg = use.astype(jnp.float32)
     distill_term = jnp.mean(per_example)
     metrics.update({"distill": distill_term, "cfg_aware": used_cfg})
@@ -387,6 +397,9 @@ def step_distill_step(state: TrainState, batch: dict, rng: jax.Array, frozen: An
     if options.get("gamma_scaling") not in GAMMA_SCALINGS:
         raise ValueError(f"step_distill_step: gamma_scaling={options.get('gamma_scaling')!r}, "
                          f"expected one of {GAMMA_SCALINGS}")
+    if options.get("cfg_mix", "cond") not in CFG_MIXES:
+        raise ValueError(f"step_distill_step: cfg_mix={options.get('cfg_mix')!r}, expected one "
+                         f"of {CFG_MIXES}")
     loss_fn = functools.partial(step_distill_loss, **options)
     return train_step(state, batch, rng, frozen, loss_fn=loss_fn, optimizer=optimizer,
                       ema_decay=ema_decay, microbatches=microbatches)

@@ -43,7 +43,7 @@ class LinearInContext(nn.Module):
         return scale * a * z + (ctx.mean(axis=1) @ w)[:, None, None, :]
 
 
-def _loss(ctx, empty, cfg_prob, w=3.0):
+def _loss(ctx, empty, cfg_prob, w=3.0, cfg_mix="cond"):
     model = LinearInContext()
     z = np.random.default_rng(0).normal(size=(4, 4, 4, 3)).astype(np.float32)
     params = model.init(jax.random.key(0), z, jnp.zeros((4,), jnp.int32), ctx)["params"]

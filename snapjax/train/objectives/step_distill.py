@@ -190,7 +190,10 @@ def build(config, *, optimizer, ema_decay, microbatches, compute_dtype, abstract
         uncond=uncond, schedule=schedule, teacher_schedule=teacher_schedule,
         grid=tuple(np.asarray(a) for a in grid), space=cfg.loss_space, cfg_prob=cfg.cfg_prob,
         guidance_range=(cfg.guidance_min, cfg.guidance_max), gamma=cfg.gamma,
-        gamma_scaling=cfg.gamma_scaling, block_mask=block_mask)
+        gamma_scaling=cfg.gamma_scaling, block_mask=block_mask,
+        # XLA:CPU's conditional costs more than the unconditional calls it saves (measured in
+        # docs/distill.md); accelerators branch cheaply.
+        cfg_mix="w_one" if platform == "cpu" else "cond")
 
     def init_params(rng, pretrained_params):
         del rng
