@@ -24,6 +24,8 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "import": ("snapjax.convert.diffusers_import", "convert a diffusers folder to a snapjax checkpoint"),
     "train": ("snapjax.train.loop", "train a model from a config"),
     "evolve": ("snapjax.evolve.run", "robust training + architecture evolution of a UNet"),
+    "distill": ("snapjax.train.distill_chain",
+                "step distillation's schedule (progressive or direct) as one chain of runs"),
     "score-blocks": ("snapjax.evolve.score", "quality lost when each UNet block is dropped"),
     "world": ("snapjax.train.world", "train the embedded world's VAE and teacher, score samples"),
     "prepare": ("snapjax.data.prepare", "cache VAE latents and text embeddings as ArrayRecord shards"),

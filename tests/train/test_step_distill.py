@@ -215,14 +215,19 @@ def test_bad_inputs_are_named(teacher):
             _objective(teacher, f"--config.distill.student_init={folder}")
 
 
-def test_killed_and_resumed_run_gives_the_same_losses(teacher, jax_cache):
+@pytest.fixture(scope="module")
+def latents(teacher):
+    """16 latents the tiny teacher generated (prepared-shard format)."""
     from snapjax.data import generated
     from snapjax.pipeline import TextToImage
-    latents = teacher / "latents"
-    if not latents.exists():
-        generated.generate_latents(TextToImage.from_pretrained(teacher / "teacher"),
-                                   ["a red circle", "a blue square"], latents, count=16,
-                                   num_steps=2, batch_size=8, progress=False)
+    folder = teacher / "latents"
+    generated.generate_latents(TextToImage.from_pretrained(teacher / "teacher"),
+                               ["a red circle", "a blue square"], folder, count=16,
+                               num_steps=2, batch_size=8, progress=False)
+    return folder
+
+
+def test_killed_and_resumed_run_gives_the_same_losses(teacher, latents, jax_cache):
     overrides = ["--config.data.source=prepared", f"--config.data.path={latents}",
                  "--config.data.resolution=16", "--config.data.num_threads=1",
                  f"--config.distill.teacher={teacher / 'teacher'}",
@@ -257,3 +262,46 @@ def test_a_student_with_another_text_encoder_is_refused(teacher, tmp_path):
     shutil.rmtree(student / "text_encoder")
     shutil.copytree(teacher / "teacher" / "text_encoder", student / "text_encoder")
     assert "teacher" in _objective(teacher, f"--config.distill.student_init={student}").frozen
+
+
+def test_chain_plans_name_each_stage_and_its_teacher():
+    from snapjax.train.distill_chain import Stage, plan
+    assert plan("progressive", "T", 32, stages=3) == [
+        Stage("progressive_16", "T", 32), Stage("progressive_8", "progressive_16", 16),
+        Stage("progressive_4", "progressive_8", 8)]
+    assert plan("direct", "T", 32, "E") == [
+        Stage("teacher_16", "T", 32), Stage("student_16", "E", 32),
+        Stage("direct_8", "teacher_16", 16, "student_16")]
+    for args, message in ((("direct", "T", 32), "needs --student"),
+                          (("direct", "T", 6, "E"), "must divide by 4"),
+                          (("progressive", "T", 12, "", 3), "cannot be halved 3 times"),
+                          (("progressive", "T", 8, "E"), "--student is for the direct"),
+                          (("distilled", "T", 8), "expected one of")):
+        with pytest.raises(ValueError, match=message):
+            plan(*args)
+
+
+def test_chain_runs_each_stage_on_the_previous_student_and_skips_finished_ones(
+        teacher, latents, tmp_path):
+    """Progressive 4 -> 2 -> 1 in one call: each stage's folder loads and samples at its step
+    count; the second stage was taught by the first stage's student; a rerun trains nothing."""
+    from snapjax.pipeline import TextToImage
+    from snapjax.train.distill_chain import plan, run_chain
+    overrides = ["--config.data.source=prepared", f"--config.data.path={latents}",
+                 "--config.data.resolution=16", "--config.data.num_threads=1",
+                 "--config.train.batch_size=4", "--config.train.steps=2",
+                 "--config.train.progress_bar=false", "--config.train.sample_every=0",
+                 "--config.checkpoint.every_steps=2", "--config.opt.warmup_steps=0"]
+    stages = plan("progressive", str(teacher / "teacher"), 4, stages=2)
+    config = str(REPO / "configs" / "world_distill.py")
+    records = run_chain(config, tmp_path, stages, overrides,
+                        ["--config.distill.guidance_embed_dim=8"])
+    assert [r["stage"] for r in records] == ["progressive_2", "progressive_1"]
+    assert records[1]["teacher"] == str(tmp_path / "progressive_2" / "model")
+    first = TextToImage.from_pretrained(tmp_path / "progressive_2" / "model")
+    last = TextToImage.from_pretrained(tmp_path / "progressive_1" / "model")
+    assert (first.num_steps, last.num_steps) == (2, 1)
+    assert not first.guidance_conditioned and last.guidance_conditioned  # --last. overrides
+    assert last(["a red circle"], seed=0).shape[0] == 1
+    again = run_chain(config, tmp_path, stages, overrides)
+    assert all(r["skipped"] for r in again)
