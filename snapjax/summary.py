@@ -50,6 +50,8 @@ def summarize(components: dict[str, tuple[str, Any]], resolution: int = 512
         if kind == "unet":
             x = _shape((1, latent, latent, spec.in_channels))
             args = (x, _shape((1,), jnp.int32), _shape((1, 77, spec.context_dim)))
+            if spec.guidance_embed_dim:  # one call gives the guided output: w is an input
+                args += (None, _shape((1,), jnp.float32))
             rows.append(ComponentSummary(
                 "unet", _count(params),
                 matmul_flops(lambda p, *a: module.apply({"params": p}, *a), params, *args) / 1e9,

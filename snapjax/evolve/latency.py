@@ -159,9 +159,12 @@ def _block_gflop(spec: UNetSpec, side: int, context_length: int, block: Block) -
 
 
 def _unet_inputs(spec: UNetSpec, side: int, context_length: int):
-    return (jax.ShapeDtypeStruct((1, side, side, spec.in_channels), jnp.float32),
-            jax.ShapeDtypeStruct((1,), jnp.int32),
-            jax.ShapeDtypeStruct((1, context_length, spec.context_dim), jnp.float32))
+    inputs = (jax.ShapeDtypeStruct((1, side, side, spec.in_channels), jnp.float32),
+              jax.ShapeDtypeStruct((1,), jnp.int32),
+              jax.ShapeDtypeStruct((1, context_length, spec.context_dim), jnp.float32))
+    if spec.guidance_embed_dim:  # no block mask; the guidance scale
+        inputs += (None, jax.ShapeDtypeStruct((1,), jnp.float32))
+    return inputs
 
 
 def _unet_gflop(spec: UNetSpec, side: int, context_length: int) -> float:
@@ -212,8 +215,10 @@ def _unet_ms(spec: UNetSpec, side: int, context_length: int, repeats: int) -> fl
     from snapjax.models.unet import abstract_unet_params
     module = UNet(spec)
     params = _random_like(abstract_unet_params(spec))
-    x, t, ctx = _unet_inputs(spec, side, context_length)
+    x, t, ctx = _unet_inputs(spec, side, context_length)[:3]
     args = (_random_like(x, 1), jnp.full((1,), 500, jnp.int32), _random_like(ctx, 2))
+    if spec.guidance_embed_dim:
+        args += (None, jnp.full((1,), 4.0, jnp.float32))
     fn = jax.jit(lambda p, *a: module.apply({"params": p}, *a))
     return _median_ms(fn, (params, *args), repeats)
 

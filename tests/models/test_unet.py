@@ -263,3 +263,15 @@ def test_guidance_input_starts_at_zero_and_then_conditions_on_w():
         with_guidance_input(spec, guided, 16)
     with pytest.raises(ValueError, match="guidance_embed_dim=-2 must be an integer >= 0"):
         dataclasses.replace(TINY, guidance_embed_dim=-2)
+
+
+def test_costs_of_a_guidance_conditioned_unet_are_one_call():
+    """summary and the latency table trace a guidance-conditioned UNet (w an input) and count
+    what the plain UNet costs per call, plus its projection's (dim x F) multiply-adds."""
+    from snapjax.evolve.latency import latency_table
+    from snapjax.summary import summarize
+    spec = dataclasses.replace(TINY, guidance_embed_dim=16)
+    plain, guided = (summarize({"unet": ("unet", s)}, resolution=64)[0] for s in (TINY, spec))
+    assert guided.params == plain.params + 16 * 32
+    assert guided.gflops == pytest.approx(plain.gflops + 2 * 16 * 32 / 1e9, rel=1e-6)
+    assert dict(latency_table(spec, 64, "macs")) == dict(latency_table(TINY, 64, "macs"))
