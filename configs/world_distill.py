@@ -1,6 +1,14 @@
-# snapjax train --config configs/world_distill.py --workdir runs/world/distill_8to4
+# snapjax train --config configs/world_distill.py --workdir runs/world/distill/teacher_4
 # (after `snapjax world --workdir runs/world`, which leaves the teacher's pipeline folder in
 #  runs/world/teacher/model; variants: :cpu, the default, sized for a 2-core CPU; :accel)
+# The paper's schedules as one command each (docs/distill.md), scaled to the world's 8 -> 4 -> 2:
+# snapjax distill --config configs/world_distill.py --workdir runs/world/distill \
+#     --teacher runs/world/teacher/model --teacher-steps 8 --schedule direct \
+#     --student runs/world/evolve/model
+# snapjax distill --config configs/world_distill.py --workdir runs/world/distill \
+#     --teacher runs/world/teacher/model --teacher-steps 8 --schedule progressive
+# A guidance-conditioned student (one UNet call per step): --config.distill.guidance_embed_dim=64
+#     --config.distill.cfg_prob=1 --config.distill.guidance_min=1
 """Step distillation on the embedded world: the world teacher's 8 DDIM steps become 4.
 
 The world's flat shapes on 8x8 latents denoise in few steps, so the paper's counts (32 -> 16 ->
