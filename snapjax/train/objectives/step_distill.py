@@ -27,7 +27,9 @@ from snapjax import pretrained
 from snapjax.config import ConfigError, from_config
 from snapjax.diffusion import distill
 from snapjax.diffusion.schedule import NoiseSchedule
-from snapjax.models.unet import with_guidance_input
+from snapjax.models import attention as attention_lib
+from snapjax.models.unet import UNet, abstract_unet_params, with_guidance_input
+from snapjax.models.unet_spec import UNetSpec
 from snapjax.train import steps
 from snapjax.train.objectives import Objective, data_config, register
 from snapjax.train.objectives import diffusion as diffusion_lib
@@ -58,6 +60,13 @@ class StepDistillConfig:
       guided at w ~ U[guidance_min, guidance_max] with probability cfg_prob, else at w = 1, so
       such a student wants cfg_prob near 1. 0: the usual two-call student (or keep the init's
       guidance input, if it has one).
+    unet_remat, attention: how the student (and, for attention, the teacher) UNet runs, as
+      ``diffusion.unet_remat`` and ``diffusion.attention`` (never what it computes).
+
+    An empty ``teacher`` is only for ahead-of-time compiles (launch/aot_check.py): the teacher
+    is then ``config.unet``'s shape, the student ``config.student_unet``'s (else
+    ``config.unet``'s; a ``student_init`` folder still gives its own), the text encoder
+    ``config.text_encoder``'s and the schedule ``config.schedule``.
     """
 
     teacher: str = ""
@@ -75,8 +84,13 @@ class StepDistillConfig:
     num_samples: int = 16
     eval_samples: int = 64
     guidance_embed_dim: int = 0
+    unet_remat: bool = False
+    attention: str = "xla"
 
     def __post_init__(self):
+        if self.attention not in attention_lib.IMPLEMENTATIONS:
+            raise ValueError(f"distill.attention={self.attention!r}: expected one of "
+                             f"{', '.join(attention_lib.IMPLEMENTATIONS)}")
         if self.loss_space not in distill.LOSS_SPACES:
             raise ValueError(f"distill.loss_space={self.loss_space!r}: expected one of "
                              f"{distill.LOSS_SPACES}")
@@ -149,29 +163,38 @@ def _pipeline_meta(cfg: StepDistillConfig):
 def build(config, *, optimizer, ema_decay, microbatches, compute_dtype, abstract,
           platform) -> Objective:
     cfg = from_config(StepDistillConfig, config.distill, "distill")
-    if not cfg.teacher:
-        raise ConfigError("distill.teacher is empty: give the teacher's pipeline folder")
     data = data_config(config)
     prepared = data.source == "prepared"
-    teacher_schedule, schedule, teacher_guidance = _pipeline_meta(cfg)
+    from_specs = not cfg.teacher
+    if from_specs:
+        _check_spec_mode(config, abstract, prepared)
+        teacher_schedule, schedule, teacher_guidance = _spec_meta(config, cfg)
+    else:
+        teacher_schedule, schedule, teacher_guidance = _pipeline_meta(cfg)
     try:
         grid = distill.student_grid(schedule, cfg.teacher_steps)
     except ValueError as e:
         raise ConfigError(f"distill.teacher_steps / distill.timestep_spacing: {e}") from None
     guidance = cfg.guidance_scale if cfg.guidance_scale is not None else teacher_guidance
-    teacher_dir = pathlib.Path(cfg.teacher)
     # The UNet objective's loaders: the student's UNet with the teacher's text encoder and VAE.
     dcfg = diffusion_lib.DiffusionConfig(
-        caption_dropout=cfg.caption_dropout, vae=str(teacher_dir / "vae"),
-        text_encoder=str(teacher_dir / "text_encoder"), tokenizer=str(teacher_dir / "tokenizer"),
-        unet_init=_unet_folder(cfg.student_init or cfg.teacher, "student_init"),
+        caption_dropout=cfg.caption_dropout, **_model_paths(cfg),
         sample_steps=cfg.teacher_steps // 2, guidance_scale=guidance,
-        num_samples=cfg.num_samples, eval_samples=cfg.eval_samples)
+        num_samples=cfg.num_samples, eval_samples=cfg.eval_samples,
+        unet_remat=cfg.unet_remat, attention=cfg.attention)
     models = diffusion_lib.load_models(config, dcfg, prepared, compute_dtype, abstract, platform)
-    teacher, teacher_params = load_component(_unet_folder(cfg.teacher, "teacher"), "unet",
-                                             compute_dtype, abstract)
+    if from_specs:
+        teacher, teacher_params = _spec_teacher(config, compute_dtype)
+        models = _spec_student(config, cfg, models)
+    else:
+        teacher, teacher_params = load_component(_unet_folder(cfg.teacher, "teacher"), "unet",
+                                                 compute_dtype, abstract)
+    # No backward pass through the teacher, so remat would change nothing; its kernel matters.
+    teacher = teacher.clone(attention_impl=cfg.attention)
     models = _with_guidance_input(models, cfg.guidance_embed_dim, abstract)
-    _check_pair(cfg, teacher.spec, models)
+    # Without a teacher folder there is no teacher text encoder to compare a student_init's with.
+    _check_pair(cfg if cfg.teacher else dataclasses.replace(cfg, student_init=""), teacher.spec,
+                models)
     block_mask = diffusion_lib.robust_mask_sampler(config, models.spec)
     tokenizer, empty_ids = diffusion_lib.load_text_tokenizer(dcfg, models.text_encoder.spec,
                                                              abstract)
@@ -207,6 +230,64 @@ def build(config, *, optimizer, ema_decay, microbatches, compute_dtype, abstract
     return Objective(init_params=init_params, pretrained={"unet": models.unet_params},
                      step=step, frozen=frozen, batch_shapes=batch_shapes, tokenizer=tokenizer,
                      sample=sample, export=export)
+
+
+# ------------------------------------------------- distill.teacher="": shapes from the config
+
+SPEC_SECTIONS = ("unet", "text_encoder", "schedule")
+
+
+def _check_spec_mode(config, abstract: bool, prepared: bool) -> None:
+    """An empty teacher is an ahead-of-time compile from the config's specs, nothing else."""
+    if not abstract:
+        raise ConfigError("distill.teacher is empty: give the teacher's pipeline folder (an empty "
+                          "teacher is only for ahead-of-time compiles, launch/aot_check.py)")
+    missing = [f"config.{name}" for name in SPEC_SECTIONS if name not in config]
+    if missing:
+        raise ConfigError(f"distill.teacher='' compiles from the config's specs, but "
+                          f"{', '.join(missing)} is missing (the teacher UNet, the text encoder "
+                          "and the noise schedule)")
+    if not prepared:
+        raise ConfigError("distill.teacher='' compiles from the config's specs, which give no "
+                          "VAE: use data.source='prepared' (latents + contexts)")
+
+
+def _spec_meta(config, cfg: StepDistillConfig):
+    """(teacher schedule, student schedule, guidance scale) from ``config.schedule``."""
+    schedule = dataclasses.replace(from_config(NoiseSchedule, config.schedule, "schedule"),
+                                   timestep_spacing=cfg.timestep_spacing)
+    return schedule, schedule, 7.5
+
+
+def _model_paths(cfg: StepDistillConfig) -> dict:
+    """The DiffusionConfig paths: the teacher pipeline's text encoder, tokenizer and VAE, the
+    student's init; all "" without a teacher folder (``load_models`` then builds from specs)."""
+    student = cfg.student_init or cfg.teacher
+    paths = {"unet_init": _unet_folder(student, "student_init") if student else ""}
+    if not cfg.teacher:
+        return {**paths, "vae": "", "text_encoder": "", "tokenizer": ""}
+    teacher_dir = pathlib.Path(cfg.teacher)
+    return {**paths, "vae": str(teacher_dir / "vae"),
+            "text_encoder": str(teacher_dir / "text_encoder"),
+            "tokenizer": str(teacher_dir / "tokenizer")}
+
+
+def _spec_teacher(config, compute_dtype):
+    spec = from_config(UNetSpec, config.unet, "unet")
+    return UNet(spec, compute_dtype), abstract_unet_params(spec)
+
+
+def _spec_student(config, cfg: StepDistillConfig, models):
+    """The models ``load_models`` built from specs, given shapes: the text encoder's, and the
+    student's (``config.student_unet``, else ``config.unet``) unless ``student_init`` gave one."""
+    text_params = pretrained.abstract_params("text_encoder", models.text_encoder.spec)
+    models = dataclasses.replace(models, text_params=text_params)
+    if cfg.student_init:
+        return models
+    spec = (from_config(UNetSpec, config.student_unet, "student_unet")
+            if "student_unet" in config else models.spec)
+    return dataclasses.replace(models, unet=models.unet.clone(spec=spec),
+                               unet_params=abstract_unet_params(spec))
 
 
 def _with_guidance_input(models, dim: int, abstract: bool):
