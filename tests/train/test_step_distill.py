@@ -305,3 +305,82 @@ def test_chain_runs_each_stage_on_the_previous_student_and_skips_finished_ones(
     assert last(["a red circle"], seed=0).shape[0] == 1
     again = run_chain(config, tmp_path, stages, overrides)
     assert all(r["skipped"] for r in again)
+
+
+def _sd15_config(variant: str, *overrides):
+    return load_config(str(REPO / "configs" / f"sd15_distill.py:{variant}"), list(overrides))
+
+
+def test_abstract_build_without_a_teacher_folder_takes_the_config_specs():
+    """distill.teacher="" (launch/aot_check.py): the teacher is config.unet's shape, the student
+    config.student_unet's, the schedule config.schedule (tiny specs, shapes only)."""
+    from snapjax.config import as_config
+    from snapjax.models.text_encoder import TextEncoderSpec
+    from snapjax.models.unet import abstract_unet_params
+    from snapjax.models.unet_spec import TINY
+    student_spec = dataclasses.replace(TINY, down=(("R",), ("R",)), up=(("R", "R"), ("R", "R")),
+                                       mid="R")
+    schedule = NoiseSchedule(prediction_type="v_prediction", beta_end=0.015)
+    config = _sd15_config("pod_direct", "--config.distill.teacher=",
+                          "--config.distill.teacher_steps=8", "--config.distill.attention=xla")
+    with config.unlocked():
+        config.unet = as_config(TINY)
+        config.student_unet = as_config(student_spec)
+        config.text_encoder = as_config(TextEncoderSpec(vocab_size=64, max_length=8, width=32,
+                                                        layers=1, heads=2, mlp_dim=64))
+        config.schedule = as_config(schedule)
+    objective = objectives.build_objective(
+        config, optimizer=optim.make_optimizer(optim.OptimConfig(), 10), ema_decay=0.99,
+        microbatches=1, compute_dtype=jnp.bfloat16, abstract=True, platform="cpu")
+    kw = objective.step.keywords
+    assert kw["teacher"].spec == TINY and kw["student"].spec == student_spec
+    shapes = lambda tree: jax.tree.map(lambda x: (x.shape, x.dtype), tree)  # noqa: E731
+    assert shapes(objective.frozen["teacher"]) == shapes(abstract_unet_params(TINY))
+    assert shapes(objective.pretrained["unet"]) == shapes(abstract_unet_params(student_spec))
+    assert all(isinstance(x, jax.ShapeDtypeStruct)
+               for x in jax.tree.leaves((objective.frozen, objective.pretrained)))
+    expected = dataclasses.replace(schedule, timestep_spacing="trailing")
+    assert kw["schedule"] == kw["teacher_schedule"] == expected
+    assert kw["grid"][0].tolist() == [999, 749, 499, 249]
+    assert objective.frozen["empty_context"].shape == (1, 8, 32)
+    assert objective.batch_shapes(2)["latent"].shape == (2, 64, 64, 4)
+
+
+def test_an_empty_teacher_outside_abstract_mode_is_a_config_error():
+    build = functools.partial(objectives.build_objective,
+                              optimizer=optim.make_optimizer(optim.OptimConfig(), 10),
+                              ema_decay=0.99, microbatches=1, compute_dtype=jnp.float32)
+    config = _sd15_config("pod", "--config.distill.teacher=", "--config.distill.attention=xla")
+    with pytest.raises(ConfigError, match="distill.teacher is empty"):
+        build(config)
+    raw = _sd15_config("pod", "--config.distill.teacher=", "--config.distill.attention=xla",
+                       "--config.data.source=world")
+    with pytest.raises(ConfigError, match="data.source='prepared'"):
+        build(raw, abstract=True, platform="cpu")
+    world = load_config(str(REPO / "configs" / "world_distill.py"), ["--config.distill.teacher="])
+    with pytest.raises(ConfigError, match=r"config.unet, config.text_encoder, config.schedule"):
+        build(world, abstract=True, platform="cpu")
+
+
+def test_sd15_distill_config_has_the_papers_defaults():
+    from snapjax.config import from_config
+    from snapjax.models.unet_spec import SD15, SNAPFUSION, UNetSpec
+    from snapjax.train.objectives import StepDistillConfig
+    for variant in ("pod", "pod_direct", "gpu", "gpu_direct"):
+        config = _sd15_config(variant)
+        cfg = from_config(StepDistillConfig, config.distill, "distill")
+        assert (cfg.teacher_steps, cfg.cfg_prob, cfg.guidance_min, cfg.guidance_max) == \
+            (32, 0.1, 2.0, 14.0)
+        assert (cfg.gamma, cfg.gamma_scaling, cfg.loss_space, cfg.timestep_spacing) == \
+            (0.2, "dynamic", "x", "trailing")
+        assert from_config(NoiseSchedule, config.schedule, "schedule").prediction_type == \
+            "v_prediction"
+        assert from_config(UNetSpec, config.unet, "unet") == SD15
+        assert config.opt.weight_decay == 0.01 and config.data.source == "prepared"
+        assert ("student_unet" in config) == variant.endswith("_direct")
+        if variant.endswith("_direct"):
+            assert from_config(UNetSpec, config.student_unet, "student_unet") == SNAPFUSION
+        assert config.train.batch_size == (2048 if variant.startswith("pod") else 256)
+        assert cfg.attention == ("tpu_flash" if variant.startswith("pod") else "xla")
+    with pytest.raises(ValueError, match="unknown variant"):
+        _sd15_config("cpu")
