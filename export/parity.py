@@ -3,6 +3,7 @@
 Both take the same deterministic example inputs per component, in PyTorch layout (NCHW):
 
   unet          sample (B, C, h, w), timesteps (B,) at both ends of the schedule, context (B, S, D)
+                and, for a guidance-conditioned UNet, guidance scales (B,) from 1 to 8
   vae_decoder   z (B, Z, h, w), a raw latent (diffusion latent / scaling_factor)
   text_encoder  input_ids (B, L): BOS, random tokens, EOS, EOS padding
 
@@ -40,6 +41,8 @@ def example_inputs(kind: str, spec: Any, *, batch: int = 2, latent_size: int | N
         sample = rng.standard_normal((batch, spec.in_channels, side, side)).astype(np.float32)
         t = np.linspace(999, 1, batch).round().astype(np.int64)
         ctx = rng.standard_normal((batch, context_length, spec.context_dim)).astype(np.float32)
+        if spec.guidance_embed_dim:
+            return sample, t, ctx, np.linspace(1.0, 8.0, batch).astype(np.float32)
         return sample, t, ctx
     if kind == "vae_decoder":
         side = latent_size or 4
@@ -62,9 +65,10 @@ def snapjax_forward(kind: str, spec: Any, params: Any,
 
     if kind == "unet":
         from snapjax.models.unet import UNet
-        sample, t, ctx = inputs
+        sample, t, ctx, *guidance = inputs
         out = UNet(spec).apply({"params": params}, jnp.asarray(sample.transpose(0, 2, 3, 1)),
-                               jnp.asarray(t), jnp.asarray(ctx))
+                               jnp.asarray(t), jnp.asarray(ctx),
+                               guidance_B=jnp.asarray(guidance[0]) if guidance else None)
         return np.asarray(out).transpose(0, 3, 1, 2)
     if kind == "vae_decoder":
         from snapjax.models.vae import VAEDecoder, decoder_params

@@ -41,6 +41,13 @@ def timestep_embedding(t_B: torch.Tensor, dim: int, *, flip_sin_to_cos: bool = T
     return emb
 
 
+def guidance_embedding(w_B: torch.Tensor, dim: int) -> torch.Tensor:
+    """Sinusoidal features of the guidance scale, as snapjax.models.layers.guidance_embedding
+    (diffusers' ``get_guidance_scale_embedding(w - 1, dim)``), float32."""
+    return timestep_embedding((w_B.float() - 1.0) * 1000.0, dim, flip_sin_to_cos=False,
+                              freq_shift=1)
+
+
 class ResnetBlock(nn.Module):
     """diffusers' ResnetBlock2D; ``residual=False`` is a removed block (shortcut only)."""
 

@@ -1,12 +1,13 @@
 """PyTorch mirror of :class:`snapjax.models.unet.UNet` for any :class:`UNetSpec`.
 
 Legend: B batch, C channels, H height, W width, L tokens (H*W), S context tokens, D context
-width, T time-embedding width, F sinusoid width.
+width, T time-embedding width, F sinusoid width, G guidance-feature width.
 
 The module tree carries the Flax names (``down_0_0_res.conv1``, ``mid_attn.block_0.attn2.to_q``),
 so removed blocks (``r``, a missing ``A``) simply have no parameters, exactly as in the Flax tree.
 ``attention`` picks the layout of the transformers' attention (see :mod:`export.torch.layers`);
-both compute the same function with the same weights.
+both compute the same function with the same weights. A guidance-conditioned spec
+(``guidance_embed_dim > 0``) has ``time_embedding.cond_proj`` and takes the guidance scale too.
 """
 
 from __future__ import annotations
@@ -17,7 +18,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from export.torch.layers import (ATTENTION_IMPLEMENTATIONS, Attention, Downsample, ResnetBlock,
-                                 Upsample, channel_layer_norm, conv1x1, timestep_embedding)
+                                 Upsample, channel_layer_norm, conv1x1, guidance_embedding,
+                                 timestep_embedding)
 from snapjax.models.unet_spec import Block, UNetSpec, letter_names
 
 # Fixed by diffusers (and snapjax.models.unet): Transformer2D's GroupNorm eps, LayerNorm eps, GEGLU.
@@ -27,12 +29,19 @@ _FF_MULT = 4
 
 
 class TimestepEmbedding(nn.Module):
-    def __init__(self, in_dim: int, dim: int):
+    """linear_1 -> SiLU -> linear_2; with ``cond_dim`` > 0, the bias-free ``cond_proj`` of the
+    guidance features is added to the sinusoid first (diffusers' ``cond_proj_dim``)."""
+
+    def __init__(self, in_dim: int, dim: int, cond_dim: int = 0):
         super().__init__()
+        if cond_dim:
+            self.cond_proj = nn.Linear(cond_dim, in_dim, bias=False)
         self.linear_1 = nn.Linear(in_dim, dim)
         self.linear_2 = nn.Linear(dim, dim)
 
-    def forward(self, t_BF: torch.Tensor) -> torch.Tensor:
+    def forward(self, t_BF: torch.Tensor, cond_BG: torch.Tensor | None = None) -> torch.Tensor:
+        if cond_BG is not None:
+            t_BF = t_BF + self.cond_proj(cond_BG)
         return self.linear_2(F.silu(self.linear_1(t_BF)))
 
 
@@ -114,7 +123,10 @@ def block_module(spec: UNetSpec, block: Block) -> nn.Module:
 
 
 class UNetMirror(nn.Module):
-    """``forward(sample_BCHW, timesteps_B, context_BSD) -> output_BCHW``, as snapjax's UNet.
+    """``forward(sample_BCHW, timesteps_B, context_BSD[, guidance_B]) -> output_BCHW``, as
+    snapjax's UNet. ``guidance_B`` (the scale w, scalar or (B,)) is required exactly when the spec
+    is guidance-conditioned; ``timestep_cond_BG`` gives its (B, G) features instead (what the
+    Core ML Unet takes, see :mod:`export.coreml.wrappers`).
 
     The blocks are ``spec.blocks()`` and the forward walks ``spec.units()`` with
     ``letter_names``, as the Flax UNet does, so every spec of the grammar mirrors with its names.
@@ -130,7 +142,7 @@ class UNetMirror(nn.Module):
         self.sinusoid_table: torch.Tensor | None = None
         ch, n = spec.block_channels, spec.num_stages
         self.conv_in = nn.Conv2d(spec.in_channels, ch[0], 3, padding=1)
-        self.time_embedding = TimestepEmbedding(ch[0], spec.time_dim)
+        self.time_embedding = TimestepEmbedding(ch[0], spec.time_dim, spec.guidance_embed_dim)
         for block in spec.blocks():
             self.add_module(block.name, block_module(spec, block))
         for s in range(n - 1):
@@ -164,17 +176,45 @@ class UNetMirror(nn.Module):
         return timestep_embedding(t_B, spec.block_channels[0], flip_sin_to_cos=spec.flip_sin_to_cos,
                                   freq_shift=spec.freq_shift).to(self.conv_in.weight.dtype)
 
-    def embed_time(self, timesteps_B: torch.Tensor, batch: int) -> torch.Tensor:
-        """The (B, T) time embedding the ResNets read, for a scalar or one timestep per example."""
+    def _guidance_features(self, guidance_B, timestep_cond_BG, batch: int) -> torch.Tensor | None:
+        G = self.spec.guidance_embed_dim
+        if not G:
+            if guidance_B is not None or timestep_cond_BG is not None:
+                raise ValueError("UNet mirror: guidance input given, but this UNet has none "
+                                 "(spec.guidance_embed_dim=0); apply guidance with two calls")
+            return None
+        if (guidance_B is None) == (timestep_cond_BG is None):
+            raise ValueError(f"UNet mirror: this UNet is guidance-conditioned (guidance_embed_dim="
+                             f"{G}): pass exactly one of guidance_B (the guidance scale) and "
+                             "timestep_cond_BG (its features)")
+        if timestep_cond_BG is None:
+            w = torch.as_tensor(guidance_B)
+            if w.dim() > 1 or (w.dim() == 1 and w.shape[0] not in (1, batch)):
+                raise ValueError(f"UNet mirror: guidance_B must be a scalar or shape ({batch},), "
+                                 f"got shape {tuple(w.shape)}")
+            timestep_cond_BG = guidance_embedding(w.reshape(-1).expand(batch), G)
+        elif not torch.jit.is_tracing() and tuple(timestep_cond_BG.shape) not in ((batch, G),
+                                                                                   (1, G)):
+            raise ValueError(f"UNet mirror: timestep_cond_BG must have shape ({batch}, {G}), got "
+                             f"{tuple(timestep_cond_BG.shape)}")
+        return timestep_cond_BG.expand(batch, G).to(self.conv_in.weight.dtype)
+
+    def embed_time(self, timesteps_B: torch.Tensor, batch: int, guidance_B=None, *,
+                   timestep_cond_BG: torch.Tensor | None = None) -> torch.Tensor:
+        """The (B, T) time embedding the ResNets read, for a scalar or one timestep per example
+        (and, for a guidance-conditioned UNet, the guidance scale or its features)."""
         if not isinstance(timesteps_B, torch.Tensor):
             timesteps_B = torch.as_tensor(timesteps_B)
         t_B = timesteps_B.reshape(-1).expand(batch)
-        return self.time_embedding(self._time_features(t_B))
+        cond_BG = self._guidance_features(guidance_B, timestep_cond_BG, batch)
+        return self.time_embedding(self._time_features(t_B), cond_BG)
 
     def forward(self, sample_BCHW: torch.Tensor, timesteps_B: torch.Tensor,
-                context_BSD: torch.Tensor) -> torch.Tensor:
+                context_BSD: torch.Tensor, guidance_B=None, *,
+                timestep_cond_BG: torch.Tensor | None = None) -> torch.Tensor:
         spec = self.spec
-        temb_BT = self.embed_time(timesteps_B, sample_BCHW.shape[0])
+        temb_BT = self.embed_time(timesteps_B, sample_BCHW.shape[0], guidance_B,
+                                  timestep_cond_BG=timestep_cond_BG)
         x = self.conv_in(sample_BCHW)
         skips = [x]
         for path, s, u, unit in spec.units():

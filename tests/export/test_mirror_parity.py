@@ -15,8 +15,8 @@ from export.parity import example_inputs, mirror_forward, snapjax_forward
 from export.torch.mirror import load_mirror, mirror_from_params, save_mirror
 from snapjax.models import text_encoder as te
 from tests.conftest import max_rel_err
-from tests.export.tiny_models import (UNET_GRAMMAR, UNET_MID_R, UNET_REMOVED, UNET_SD, VAE_FULL,
-                                      VAE_HALF, random_params)
+from tests.export.tiny_models import (UNET_GRAMMAR, UNET_GUIDED, UNET_MID_R, UNET_REMOVED,
+                                      UNET_SD, VAE_FULL, VAE_HALF, random_params)
 
 TOL = 1e-4
 
@@ -31,6 +31,48 @@ def test_unet(spec):
         mirror = mirror_from_params("unet", spec, params, attention=attention)
         err = max_rel_err(mirror_forward(mirror, "unet", inputs), ref)
         assert err < TOL, (attention, err)
+
+
+def test_guidance_input_matches_flax_and_matters():
+    """The guidance path with a random (non-zero) cond_proj: the scale (one per example) and its
+    precomputed features give the Flax UNet's output, another scale another output; the mirror
+    refuses a missing or an unexpected guidance input."""
+    spec = UNET_GUIDED
+    params = random_params("unet", spec)
+    # Flax (G, F) kernel -> torch Linear(G, F).weight (F, G), as every Dense kernel.
+    kernel = np.asarray(params["time_embedding"]["cond_proj"]["kernel"])
+    mirror = mirror_from_params("unet", spec, params)
+    np.testing.assert_array_equal(mirror.time_embedding.cond_proj.weight.detach().numpy(),
+                                  kernel.T)
+    assert mirror.time_embedding.cond_proj.bias is None
+    sample, t, ctx, _ = example_inputs("unet", spec, latent_size=8, context_length=7)
+    # Two examples that differ only in the scale: the outputs must differ.
+    sample, t, ctx = sample[[0, 0]], t[[0, 0]], ctx[[0, 0]]
+    w = np.array([2.0, 7.5], np.float32)
+    ref = snapjax_forward("unet", spec, params, (sample, t, ctx, w))
+    assert max_rel_err(ref[1], ref[0]) > 100 * TOL
+    tensors = [torch.from_numpy(x) for x in (sample, t, ctx)]
+    assert max_rel_err(mirror_forward(mirror, "unet", (sample, t, ctx, w)), ref) < TOL
+    with torch.no_grad():
+        from export.torch.layers import guidance_embedding
+        features = guidance_embedding(torch.from_numpy(w), spec.guidance_embed_dim)
+        by_features = mirror(*tensors, timestep_cond_BG=features).numpy()
+        with pytest.raises(ValueError, match="guidance-conditioned.*exactly one"):
+            mirror(*tensors)
+        with pytest.raises(ValueError, match="exactly one"):
+            mirror(*tensors, torch.from_numpy(w), timestep_cond_BG=features)
+        with pytest.raises(ValueError, match=r"guidance_B must be a scalar or shape \(2,\)"):
+            mirror(*tensors, torch.ones(3))
+        plain = mirror_from_params("unet", UNET_SD, random_params("unet", UNET_SD))
+        with pytest.raises(ValueError, match="has none"):
+            plain(*tensors, torch.from_numpy(w))
+    assert max_rel_err(by_features, ref) < TOL
+    # diffusers' own features: StableDiffusionPipeline.get_guidance_scale_embedding(w - 1)
+    from diffusers import StableDiffusionPipeline
+    theirs = StableDiffusionPipeline.get_guidance_scale_embedding(
+        None, torch.from_numpy(w - 1), embedding_dim=spec.guidance_embed_dim)
+    # float32 sin of arguments up to 7000 rad: the op order leaves a few 1e-5
+    np.testing.assert_allclose(features.numpy(), theirs.numpy(), atol=1e-4)
 
 
 def test_removed_blocks_have_no_parameters():

@@ -34,6 +34,9 @@ UNET_GRAMMAR = dataclasses.replace(
     unet_spec.TINY, down=(("RAA",), ("rRA",)), up=(("RA", "rAA"), ("R", "RR")), mid="rAAR")
 # diffusers' UNetMidBlock2D: a single mid ResNet.
 UNET_MID_R = dataclasses.replace(unet_spec.TINY, mid="R")
+# A guidance-conditioned student (diffusers' time_cond_proj_dim): the scale is an input, one call
+# per step. random_params draws its cond_proj like any kernel (non-zero, so w changes the output).
+UNET_GUIDED = dataclasses.replace(unet_spec.TINY, guidance_embed_dim=16)
 VAE_FULL = vae.TINY
 VAE_HALF = vae.pruned(vae.TINY)
 
@@ -61,14 +64,16 @@ def random_params(kind: str, spec, seed: int = 0) -> dict:
 def write_pipeline(folder: Path, *, unet=UNET_SD, vae_spec=VAE_FULL,
                    schedule: NoiseSchedule | None = None, sample_size: int = 8,
                    seed: int = 0, sampling: dict | None = None) -> Path:
-    """A snapjax pipeline folder (snapjax_pipeline.json + model folders + tokenizer)."""
+    """A snapjax pipeline folder (snapjax_pipeline.json + model folders + tokenizer); a
+    guidance-conditioned ``unet`` is recorded as such in the pipeline file."""
     folder.mkdir(parents=True)
     write_clip_vocab(folder / "tokenizer", WORDS)
     vocab = len(json.loads((folder / "tokenizer" / "vocab.json").read_text()))
     text = dataclasses.replace(te.TINY, vocab_size=vocab, max_length=77)
     for i, (kind, spec) in enumerate((("unet", unet), ("vae", vae_spec), ("text_encoder", text))):
         pretrained.save_model(folder / kind, kind, spec, random_params(kind, spec, seed + i))
-    meta = PipelineFile(schedule or NoiseSchedule(), sample_size, **(sampling or {}))
+    meta = PipelineFile(schedule or NoiseSchedule(), sample_size, **(sampling or {}),
+                        guidance_conditioned=bool(unet.guidance_embed_dim))
     (folder / PIPELINE_FILE).write_text(meta.to_json())
     return folder
 
