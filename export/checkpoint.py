@@ -134,6 +134,20 @@ def load_source(path: str | Path, components: tuple[str, ...] | None = None) -> 
     return source
 
 
+def peek_unet_spec(path: str | Path):
+    """The UNet spec of a pipeline folder or UNet model folder from its metadata alone (no
+    weights), for checks that should fail before a large checkpoint is read; None where there is
+    none to read (:func:`load_source` then says what is wrong)."""
+    path = Path(path)
+    for folder in (path / "unet", path):
+        if folder.is_dir():
+            try:
+                return pretrained.read_spec(folder, "unet")
+            except (ValueError, KeyError, TypeError):
+                continue
+    return None
+
+
 def _read_sampling(path: Path, source: ExportSource) -> None:
     if (path / PIPELINE_FILE).is_file():
         meta = read_pipeline_file(path)

@@ -5,7 +5,7 @@
 
   snapjax export torch  --checkpoint C --out DIR [--overwrite] [--no-diffusers]
   snapjax export coreml --checkpoint C --out DIR [--quantize-bits 6] [--attention split_einsum]
-                        [--chunk] [--unet-batch 1] [--latent-size N] [--steps N] [--guidance W]
+                        [--chunk] [--unet-batch 1|2] [--latent-size N] [--steps N] [--guidance W]
   snapjax export latency-blocks --spec PRESET_OR_MODEL --resolution 512 --out DIR
 
 ``C`` is a pipeline folder (snapjax or diffusers) or a single model folder. ``latency-blocks``
@@ -37,8 +37,9 @@ def register(subparsers) -> None:
     c.add_argument("--attention", choices=("original", "split_einsum"), default="split_einsum",
                    help="attention layout: split_einsum for the Neural Engine (default), "
                         "original for GPU/CPU")
-    c.add_argument("--unet-batch", type=int, choices=(1, 2), default=2,
-                   help="Unet batch: 2 runs guidance's two halves in one call (default)")
+    c.add_argument("--unet-batch", type=int, choices=(1, 2), default=None,
+                   help="Unet batch: 2 runs guidance's two halves in one call (default); a "
+                        "guidance-conditioned UNet runs once per step at batch 1")
     c.add_argument("--quantize-bits", type=int, default=None, metavar="{4,6,8}",
                    help="compress weights: 6 or 4 = palettization, 8 = linear int8")
     c.add_argument("--chunk", action="store_true",
@@ -134,10 +135,13 @@ def run_torch(args) -> int:
 
 @_guard
 def run_coreml(args) -> int:
+    from export.checkpoint import peek_unet_spec
     from export.coreml.compress import check_bits
-    from export.coreml.export import CoreMLOptions, export_coreml
+    from export.coreml.export import CoreMLOptions, export_coreml, unet_batch_for
 
     check_bits(args.quantize_bits)  # fail before reading a multi-GB checkpoint
+    if args.unet_batch == 2 and (not args.components or "unet" in args.components):
+        unet_batch_for(peek_unet_spec(args.checkpoint), args.unet_batch)
     opts = CoreMLOptions(
         attention=args.attention, unet_batch=args.unet_batch, quantize_bits=args.quantize_bits,
         chunk=args.chunk, chunk_threshold_bytes=int(args.chunk_threshold_mb * 2**20),

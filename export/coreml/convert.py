@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from export.coreml.manifest import GUIDANCE_INPUT
 from export.coreml.wrappers import TextEncoderWrapper, UnetWrapper, VAEDecoderWrapper
 
 # Our component kind -> Apple's package / compiled model name.
@@ -35,15 +36,19 @@ class TensorIO:
 
 def input_specs(kind: str, spec: Any, *, batch: int, latent_size: int, context_length: int,
                 precision: str) -> list[TensorIO]:
-    """Apple's input names and shapes for ``kind``."""
+    """Apple's input names and shapes for ``kind`` (and, for a guidance-conditioned UNet, the
+    guidance features :data:`~export.coreml.manifest.GUIDANCE_INPUT`)."""
     io_dtype = np.float16 if precision == "float16" else np.float32
     if kind == "text_encoder":
         return [TensorIO("input_ids", (1, spec.max_length), np.float32)]
     if kind == "unet":
-        return [TensorIO("sample", (batch, spec.in_channels, latent_size, latent_size), io_dtype),
-                TensorIO("timestep", (batch,), io_dtype),
-                TensorIO("encoder_hidden_states", (batch, spec.context_dim, 1, context_length),
-                         io_dtype)]
+        inputs = [TensorIO("sample", (batch, spec.in_channels, latent_size, latent_size), io_dtype),
+                  TensorIO("timestep", (batch,), io_dtype),
+                  TensorIO("encoder_hidden_states", (batch, spec.context_dim, 1, context_length),
+                           io_dtype)]
+        if spec.guidance_embed_dim:
+            inputs.append(TensorIO(GUIDANCE_INPUT, (batch, spec.guidance_embed_dim), io_dtype))
+        return inputs
     if kind == "vae_decoder":
         return [TensorIO("z", (1, spec.latent_channels, latent_size, latent_size), io_dtype)]
     raise ValueError(f"unknown component kind {kind!r}")

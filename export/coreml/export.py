@@ -42,7 +42,9 @@ MIRROR_KIND = {"text_encoder": "text_encoder", "unet": "unet", "vae": "vae_decod
 @dataclasses.dataclass(frozen=True)
 class CoreMLOptions:
     attention: str = "split_einsum"
-    unet_batch: int = 2                  # 2: classifier-free guidance in one call; 1: two calls
+    # 2: classifier-free guidance in one call; 1: two calls, or the one call of a
+    # guidance-conditioned UNet. None: 2, or 1 for a guidance-conditioned UNet.
+    unet_batch: int | None = None
     quantize_bits: int | None = None     # 6 or 4 (palettization), 8 (linear int8)
     chunk: bool = False                  # split the Unet in two when over chunk_threshold_bytes
     chunk_threshold_bytes: int = CHUNK_THRESHOLD_BYTES
@@ -56,14 +58,28 @@ class CoreMLOptions:
         if self.attention not in ATTENTION_IMPLEMENTATIONS:
             raise ValueError(f"attention={self.attention!r}: expected one of "
                              f"{', '.join(ATTENTION_IMPLEMENTATIONS)}")
-        if self.unet_batch not in (1, 2):
+        if self.unet_batch not in (None, 1, 2):
             raise ValueError(f"unet batch {self.unet_batch}: expected 2 (guidance in one call) "
                              "or 1")
         compression.check_bits(self.quantize_bits)
 
 
+def unet_batch_for(spec, requested: int | None) -> int:
+    """The Unet package's batch: ``requested``, or 2 (guidance's two halves in one call); a
+    guidance-conditioned UNet runs once per step at batch 1, and refuses batch 2."""
+    if spec is not None and spec.guidance_embed_dim:
+        if requested == 2:
+            raise ValueError(
+                f"--unet-batch 2: this UNet is guidance-conditioned (guidance_embed_dim="
+                f"{spec.guidance_embed_dim}): it takes the guidance scale as an input and samples "
+                "with one batch-1 call per step, with no unconditional half to batch; use "
+                "--unet-batch 1 or leave the option out")
+        return 1
+    return requested or 2
+
+
 def _resolve(source: ExportSource, opts: CoreMLOptions,
-             log) -> tuple[NoiseSchedule, int, int, int, float]:
+             log) -> tuple[NoiseSchedule, int, int, int, float, int]:
     schedule = source.schedule
     if schedule is None:
         schedule = NoiseSchedule()
@@ -74,20 +90,25 @@ def _resolve(source: ExportSource, opts: CoreMLOptions,
     text = source.components.get("text_encoder")
     context = opts.context_length or (text.spec.max_length if text else 77)
     steps = opts.num_steps or source.num_steps or DEFAULT_NUM_STEPS
+    if source.num_steps and steps != source.num_steps:
+        log(f"warning: the pipeline records {source.num_steps} sampling steps; the manifest's "
+            f"grid for {steps} is not the one it was trained or evaluated on")
     guidance = opts.guidance_scale if opts.guidance_scale is not None else (
         source.guidance_scale if source.guidance_scale is not None else DEFAULT_GUIDANCE_SCALE)
-    if "unet" in source.components:
-        factor = 2 ** (source.components["unet"].spec.num_stages - 1)
+    unet = source.components.get("unet")
+    batch = unet_batch_for(unet.spec if unet else None, opts.unet_batch)
+    if unet is not None:
+        factor = 2 ** (unet.spec.num_stages - 1)
         if latent % factor:
             raise ValueError(f"latent size {latent} is not a multiple of {factor} (the UNet's "
                              "downsampling)")
-    return schedule, latent, context, steps, guidance
+    return schedule, latent, context, steps, guidance, batch
 
 
 def export_coreml(source: ExportSource, out: str | Path, opts: CoreMLOptions = CoreMLOptions(),
                   *, overwrite: bool = False, log: Callable[[str], None] = print) -> dict:
     """Convert every component of ``source``; returns the manifest (also written to ``out``)."""
-    schedule, latent, context, steps, guidance = _resolve(source, opts, log)
+    schedule, latent, context, steps, guidance, batch = _resolve(source, opts, log)
     manifest: dict = {}
 
     def write(tmp: Path) -> None:
@@ -97,7 +118,8 @@ def export_coreml(source: ExportSource, out: str | Path, opts: CoreMLOptions = C
             prefix = f"[{i}/{len(order)}] "
             row, packages = _export_component(
                 MIRROR_KIND[kind], source.components[kind], tmp, opts, schedule=schedule,
-                latent=latent, context=context, log=lambda msg, p=prefix: log(p + msg))
+                latent=latent, context=context, batch=batch,
+                log=lambda msg, p=prefix: log(p + msg))
             rows.append(row)
             models[row.component] = packages
         if source.tokenizer_dir is not None:
@@ -109,9 +131,10 @@ def export_coreml(source: ExportSource, out: str | Path, opts: CoreMLOptions = C
             latent_channels=unet.spec.in_channels if unet else 4, latent_size=latent,
             image_size=latent * vae.spec.downsample_factor if vae else None,
             scaling_factor=vae.spec.scaling_factor if vae else None,
-            unet_batch=opts.unet_batch, context_length=context, attention=opts.attention,
+            unet_batch=batch, context_length=context, attention=opts.attention,
             vocab_size=text.spec.vocab_size if text else None,
-            components=[r.as_dict() for r in rows]))
+            components=[r.as_dict() for r in rows],
+            guidance_embed_dim=unet.spec.guidance_embed_dim if unet else 0))
         (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=1))
 
     replace_folder(Path(out), write, overwrite=overwrite)
@@ -119,7 +142,7 @@ def export_coreml(source: ExportSource, out: str | Path, opts: CoreMLOptions = C
 
 
 def _export_component(kind: str, comp, tmp: Path, opts: CoreMLOptions, *,
-                      schedule: NoiseSchedule, latent: int, context: int,
+                      schedule: NoiseSchedule, latent: int, context: int, batch: int,
                       log: Callable[[str], None]) -> tuple[Row, list[str]]:
     """Checks, conversion, compression and chunking of one component; (row, package names)."""
     name = PACKAGE_NAMES[kind]
@@ -139,7 +162,7 @@ def _export_component(kind: str, comp, tmp: Path, opts: CoreMLOptions, *,
         log(f"warning: {name}: {fp16.reason}; exported in float32")
 
     log(f"{name}: converting to Core ML ({precision})")
-    inputs = input_specs(kind, comp.spec, batch=opts.unet_batch, latent_size=latent,
+    inputs = input_specs(kind, comp.spec, batch=batch, latent_size=latent,
                          context_length=context, precision=precision)
     metadata = {"model_prediction_type": schedule.prediction_type} if kind == "unet" else None
     model = to_coreml(kind, wrap(kind, mirror, schedule), comp.spec, inputs,

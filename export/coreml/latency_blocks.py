@@ -71,10 +71,15 @@ class _Skeleton(nn.Module):
 
     def forward(self, sample_BCHW: torch.Tensor,
                 timestep_B: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        B = sample_BCHW.shape[0]
-        ctx_BSD = torch.zeros(B, 1, self.mirror.spec.context_dim, dtype=sample_BCHW.dtype)
-        return (self.mirror(sample_BCHW, timestep_B, ctx_BSD),
-                self.mirror.embed_time(timestep_B, B))
+        spec, B = self.mirror.spec, sample_BCHW.shape[0]
+        ctx_BSD = torch.zeros(B, 1, spec.context_dim, dtype=sample_BCHW.dtype)
+        # A guidance-conditioned UNet needs its (B, G) guidance input: a constant zero here, as
+        # the context is. Core ML may fold cond_proj away then; a G x F matmul is next to free.
+        cond = ({"timestep_cond_BG": torch.zeros(B, spec.guidance_embed_dim,
+                                                 dtype=sample_BCHW.dtype)}
+                if spec.guidance_embed_dim else {})
+        return (self.mirror(sample_BCHW, timestep_B, ctx_BSD, **cond),
+                self.mirror.embed_time(timestep_B, B, **cond))
 
 
 def _slug(signature: str) -> str:

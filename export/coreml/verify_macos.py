@@ -56,10 +56,17 @@ def coreml_predictors(coreml_dir: Path, manifest: dict, compute_units: str) -> d
 
 
 def example_inputs(io: dict, manifest: dict, rng) -> dict:
-    """Random inputs for a package from its spec's {name: (shape, dtype)} table."""
+    """Random inputs for a package from its spec's {name: (shape, dtype)} table (a guidance-
+    conditioned Unet's guidance input: the features of the manifest's scale)."""
+    from export.coreml.reference_app import guidance_features
+
     inputs = {}
+    guidance_input = manifest.get("unet", {}).get("guidance_input")
     for name, (shape, _dtype) in io.items():
-        if name == "input_ids":
+        if guidance_input and name == guidance_input:
+            inputs[name] = guidance_features(np.full(shape[0], manifest["guidance_scale"]),
+                                             shape[1])
+        elif name == "input_ids":
             inputs[name] = rng.integers(0, manifest["tokenizer"]["vocab_size"], shape)
         elif name == "timestep":
             inputs[name] = np.full(shape, manifest["schedule"]["timesteps"][0])

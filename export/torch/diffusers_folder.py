@@ -5,6 +5,11 @@ loaded strictly into diffusers' / transformers' own classes and saved with ``sav
 an exported folder is checked against the real classes before it is written. The scheduler is
 ``DDIMScheduler`` configured from the snapjax :class:`NoiseSchedule` (spacing, offset, final alpha,
 prediction type), so ``StableDiffusionPipeline`` samples the model exactly as snapjax does.
+
+A guidance-conditioned UNet (``guidance_embed_dim > 0``) is written with ``time_cond_proj_dim``
+and its ``time_embedding.cond_proj``: the pipeline then skips the unconditional half and feeds
+``get_guidance_scale_embedding(guidance_scale - 1)`` as ``timestep_cond``, one UNet call per
+step, which is what snapjax's sampler does with such a UNet.
 """
 
 from __future__ import annotations

@@ -19,7 +19,7 @@ from snapjax.cli import main as snapjax_main
 from snapjax.evolve.signature import block_signature
 from snapjax.evolve.latency import latency_table, skeleton
 from snapjax.models.unet_spec import SNAPFUSION, UNetSpec
-from tests.export.tiny_models import UNET_GRAMMAR, UNET_SD, random_params
+from tests.export.tiny_models import UNET_GRAMMAR, UNET_GUIDED, UNET_SD, random_params
 
 SIDE = 8  # latent side: --resolution 64 over SD's VAE factor 8
 F16, F32 = "FLOAT16", "FLOAT32"
@@ -93,6 +93,24 @@ def test_fixed_package_is_the_skeleton(latency_out):
     ops = [op.type for op in function.block_specializations[function.opset].operations]
     # conv_in, 5 head shortcuts (channels change), the down- and upsampler, conv_out.
     assert ops.count("conv") == 9 and "matmul" not in ops and "linear" in ops
+
+
+def test_skeleton_of_a_guidance_conditioned_unet_keeps_cond_proj():
+    """The fixed part of a guidance-conditioned UNet runs: its guidance input is a constant zero,
+    so its time embedding is the MLP of the sinusoid alone."""
+    import torch
+
+    from export.coreml.latency_blocks import _Skeleton
+    from export.torch.unet import UNetMirror
+
+    mirror = UNetMirror(skeleton(UNET_GUIDED)).eval()
+    sample, t = torch.randn(1, 4, SIDE, SIDE), torch.full((1,), 500.0)
+    with torch.no_grad():
+        out, temb = _Skeleton(mirror)(sample, t)
+        features = mirror._time_features(t)
+        plain = mirror.time_embedding.linear_2(torch.nn.functional.silu(
+            mirror.time_embedding.linear_1(features)))
+    assert out.shape == sample.shape and torch.allclose(temb, plain, atol=1e-6)
 
 
 def test_presets_and_folders_give_spec_and_vae_factor(latency_out, student_pipeline):

@@ -34,3 +34,17 @@ def test_example_inputs_follow_the_package_io():
     inputs = example_inputs(io, manifest, np.random.default_rng(0))
     assert inputs["sample"].shape == (2, 4, 8, 8) and inputs["timestep"].tolist() == [999, 999]
     assert inputs["input_ids"].max() < 50 and all(v.dtype == np.float32 for v in inputs.values())
+
+
+def test_example_inputs_give_a_conditioned_unet_the_scales_features():
+    from export.coreml.reference_app import guidance_features
+
+    manifest = {"tokenizer": {"vocab_size": 50}, "schedule": {"timesteps": [999, 500]},
+                "guidance_scale": 3.0, "unet": {"guidance_input": "timestep_cond"}}
+    io = {"sample": ((1, 4, 8, 8), "FLOAT16"), "timestep_cond": ((1, 16), "FLOAT16")}
+    inputs = example_inputs(io, manifest, np.random.default_rng(0))
+    np.testing.assert_array_equal(inputs["timestep_cond"], guidance_features(np.array([3.0]), 16))
+    # closed form: sin then cos of (w - 1) * 1000 * 10000^(-i / 7), i < 8
+    args = 2000.0 * 10000.0 ** (-np.arange(8) / 7)
+    np.testing.assert_allclose(inputs["timestep_cond"][0],
+                               np.concatenate([np.sin(args), np.cos(args)]), atol=1e-6)
