@@ -8,8 +8,9 @@ Each stage is one ``step_distill`` training run of ``--config`` (its own workdir
 ``--workdir``, its pipeline folder in ``<stage>/model``), and a stage's student is a later
 stage's teacher:
 
-* ``progressive`` (Salimans & Ho): the teacher N -> N/2 -> ... -> N/2^k (``--stages k``,
-  default 2), each student starting as its teacher's UNet.
+* ``progressive`` (Salimans & Ho): the teacher N -> N/2 (``teacher_<N/2>``) -> N/4
+  (``progressive_<N/4>``) ... -> N/2^k (``--stages k``, default 2), each student starting as its
+  teacher's UNet.
 * ``direct`` (SnapFusion section 4): the teacher N -> N/2 (``teacher_<N/2>``); the efficient
   ``--student`` N -> N/2 on itself (``student_<N/2>``); then the N/2-step teacher teaches that
   student N/2 -> N/4 (``direct_<N/4>``): cross-architecture distillation.
@@ -63,9 +64,11 @@ def plan(schedule: str, teacher: str, teacher_steps: int, student: str = "",
         if teacher_steps % 2 ** stages:
             raise ValueError(f"--teacher-steps={teacher_steps} cannot be halved {stages} times "
                              "into whole steps")
+        # The first stage is the direct schedule's first stage too (same name, so one workdir
+        # holding both schedules trains it once).
         out, previous, steps = [], teacher, teacher_steps
-        for _ in range(stages):
-            name = f"progressive_{steps // 2}"
+        for k in range(stages):
+            name = f"{'teacher' if k == 0 else 'progressive'}_{steps // 2}"
             out.append(Stage(name, previous, steps))
             previous, steps = name, steps // 2
         return out

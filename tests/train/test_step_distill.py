@@ -267,7 +267,7 @@ def test_a_student_with_another_text_encoder_is_refused(teacher, tmp_path):
 def test_chain_plans_name_each_stage_and_its_teacher():
     from snapjax.train.distill_chain import Stage, plan
     assert plan("progressive", "T", 32, stages=3) == [
-        Stage("progressive_16", "T", 32), Stage("progressive_8", "progressive_16", 16),
+        Stage("teacher_16", "T", 32), Stage("progressive_8", "teacher_16", 16),
         Stage("progressive_4", "progressive_8", 8)]
     assert plan("direct", "T", 32, "E") == [
         Stage("teacher_16", "T", 32), Stage("student_16", "E", 32),
@@ -296,9 +296,9 @@ def test_chain_runs_each_stage_on_the_previous_student_and_skips_finished_ones(
     config = str(REPO / "configs" / "world_distill.py")
     records = run_chain(config, tmp_path, stages, overrides,
                         ["--config.distill.guidance_embed_dim=8"])
-    assert [r["stage"] for r in records] == ["progressive_2", "progressive_1"]
-    assert records[1]["teacher"] == str(tmp_path / "progressive_2" / "model")
-    first = TextToImage.from_pretrained(tmp_path / "progressive_2" / "model")
+    assert [r["stage"] for r in records] == ["teacher_2", "progressive_1"]
+    assert records[1]["teacher"] == str(tmp_path / "teacher_2" / "model")
+    first = TextToImage.from_pretrained(tmp_path / "teacher_2" / "model")
     last = TextToImage.from_pretrained(tmp_path / "progressive_1" / "model")
     assert (first.num_steps, last.num_steps) == (2, 1)
     assert not first.guidance_conditioned and last.guidance_conditioned  # --last. overrides
