@@ -88,6 +88,11 @@ def diffusers_misfits(source: ExportSource) -> list[str]:
         reason = scheduler_config(source.schedule)[1]
         if reason:
             problems.append(reason)
+        steps = source.num_steps
+        if steps and not source.schedule.diffusers_samples_exactly(steps):
+            problems.append(f"scheduler: a {steps}-step grid whose steps land on the next grid "
+                            f"timestep (ddim_landing='next'); DDIMScheduler lands at t - "
+                            f"{source.schedule.num_train_timesteps // steps}")
     elif source.is_pipeline:
         problems.append("the pipeline records no noise schedule")
     return problems

@@ -21,6 +21,10 @@ def ddim_sample(unet_fn: Callable, latents_BChw: torch.Tensor, ctx_cond_BLD: tor
     """Final latents of ``num_steps`` DDIM steps (eta 0) from ``latents_BChw``."""
     from diffusers import DDIMScheduler
 
+    if not schedule.diffusers_samples_exactly(num_steps):
+        raise ValueError(f"DDIMScheduler cannot take this schedule's {num_steps}-step grid (its "
+                         "steps land on the next grid timestep, ddim_landing='next'); sample it "
+                         "with the manifest's loop (export.coreml.reference_app)")
     scheduler = DDIMScheduler.from_config(schedule.to_diffusers_config())
     scheduler.set_timesteps(num_steps)
     z = latents_BChw * scheduler.init_noise_sigma

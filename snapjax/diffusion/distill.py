@@ -64,7 +64,10 @@ def student_grid(schedule: NoiseSchedule, teacher_steps: int) -> StudentGrid:
                 f"{student.timesteps.tolist()} (landing on {student.prev_timesteps.tolist()}) is "
                 f"not every second step of the teacher's {teacher_steps}-step grid "
                 f"{teacher.timesteps.tolist()}: its step {t} -> {s} is not two teacher steps. "
-                "Use schedule.timestep_spacing='trailing', whose grids nest")
+                "Use schedule.timestep_spacing='trailing', whose grids nest"
+                + ("" if schedule.ddim_landing == "next" else
+                   ", and ddim_landing='next' when the step counts do not divide "
+                   f"{schedule.num_train_timesteps}"))
         mids.append(int(teacher.prev_timesteps[j]))
     return StudentGrid(student.timesteps.astype(np.int32), np.asarray(mids, np.int32),
                        student.prev_timesteps.astype(np.int32))

@@ -23,6 +23,7 @@ import numpy as np
 BETA_SCHEDULES = ("scaled_linear", "linear")
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 TIMESTEP_SPACINGS = ("leading", "trailing", "linspace")
+DDIM_LANDINGS = ("diffusers", "next")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,11 +43,17 @@ class NoiseSchedule:
     # DDIM default is True; SD-v1.5's config turns it off).
     clip_sample: bool = False
     clip_sample_range: float = 1.0
+    # Where a DDIM step lands: "diffusers" at t - num_train_timesteps // num_steps, as
+    # DDIMScheduler does; "next" at the grid's next timestep. They differ only when num_steps does
+    # not divide num_train_timesteps (trailing 32 or 16 of 1000: steps 31 or 32 apart), where only
+    # "next" nests a 16-step grid in a 32-step one, as step distillation needs. Not a diffusers key.
+    ddim_landing: str = "diffusers"
 
     def __post_init__(self):
         _check_choice("beta_schedule", self.beta_schedule, BETA_SCHEDULES)
         _check_choice("prediction_type", self.prediction_type, PREDICTION_TYPES)
         _check_choice("timestep_spacing", self.timestep_spacing, TIMESTEP_SPACINGS)
+        _check_choice("ddim_landing", self.ddim_landing, DDIM_LANDINGS)
         _check_int("num_train_timesteps", self.num_train_timesteps, minimum=2)
         _check_int("steps_offset", self.steps_offset, minimum=0)
         for key in ("beta_start", "beta_end"):
@@ -114,8 +121,15 @@ class NoiseSchedule:
     def to_diffusers_config(self) -> dict[str, Any]:
         """A DDIMScheduler config (scheduler_config.json) that samples exactly as this schedule."""
         config = {"_class_name": "DDIMScheduler", **DDIM_DEFAULTS}
-        config.update({f.name: getattr(self, f.name) for f in dataclasses.fields(self)})
+        config.update({f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+                       if f.name != "ddim_landing"})
         return config
+
+    def diffusers_samples_exactly(self, num_steps: int) -> bool:
+        """Whether DDIMScheduler at ``num_steps`` steps lands where this schedule does."""
+        return self.ddim_landing == "diffusers" or bool(np.array_equal(
+            ddim_prev_timesteps(self, num_steps),
+            ddim_prev_timesteps(dataclasses.replace(self, ddim_landing="diffusers"), num_steps)))
 
 
 # DDIMScheduler.__init__'s defaults: what diffusers fills in for a key a config leaves out.
@@ -226,9 +240,12 @@ def ddim_prev_timesteps(schedule: NoiseSchedule, num_steps: int) -> np.ndarray:
     diffusers uses ``t - num_train_timesteps // num_steps`` for every spacing, which is the next
     timestep of the grid for leading spacing and for trailing when num_steps divides
     num_train_timesteps, but not for linspace spacing; we reproduce it, quirks included.
+    ``schedule.ddim_landing="next"`` lands on the grid's next timestep instead.
     """
-    prev = ddim_timesteps(schedule, num_steps) - schedule.num_train_timesteps // num_steps
-    return np.maximum(prev, -1)
+    t = ddim_timesteps(schedule, num_steps)
+    if schedule.ddim_landing == "next":
+        return np.append(t[1:], -1)
+    return np.maximum(t - schedule.num_train_timesteps // num_steps, -1)
 
 
 class SamplingPlan(NamedTuple):

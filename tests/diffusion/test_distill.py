@@ -102,3 +102,51 @@ def test_loss_spaces_are_the_x_loss_times_their_snr_factor():
     np.testing.assert_allclose(eps, x_err * snr, rtol=1e-4)
     with pytest.raises(ValueError, match="loss space"):
         distill.distill_loss(out, z_t, x_target, abar, prediction_type="sample", space="l1")
+
+
+def _ddim_step_closed_form(out, z, t, s, abar, final, prediction_type):
+    """DDIM (eta 0) from t to s in float64, from the formulas: x_hat, eps_hat, then
+    alpha_s x_hat + sigma_s eps_hat (s = -1: the final alpha)."""
+    a_t, sig_t = np.sqrt(abar[t]), np.sqrt(1 - abar[t])
+    if prediction_type == "epsilon":
+        eps = out
+        x = (z - sig_t * eps) / a_t
+    else:  # v = alpha eps - sigma x
+        x = a_t * z - sig_t * out
+        eps = sig_t * z + a_t * out
+    ab_s = final if s < 0 else abar[s]
+    return np.sqrt(ab_s) * x + np.sqrt(1 - ab_s) * eps
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+def test_the_papers_32_to_16_nests_when_steps_land_on_the_next_grid_timestep(prediction_type):
+    """1000 / 32 is not whole: with diffusers' landing (t - 31) the 16-step trailing grid is not
+    every second 32-step one; landing on the grid's next timestep it is, and one student step
+    from the target reaches the teacher's two steps (closed-form DDIM, float64)."""
+    schedule = NoiseSchedule(prediction_type=prediction_type, timestep_spacing="trailing")
+    with pytest.raises(ValueError, match="ddim_landing='next'"):
+        distill.student_grid(schedule, 32)
+    schedule = NoiseSchedule(prediction_type=prediction_type, timestep_spacing="trailing",
+                             ddim_landing="next")
+    grid = distill.student_grid(schedule, 32)
+    assert grid.t.tolist() == ddim_plan(schedule, 16).timesteps.tolist()
+    assert grid.s.tolist() == grid.t.tolist()[1:] + [-1]
+    assert not schedule.diffusers_samples_exactly(16) and schedule.diffusers_samples_exactly(8)
+    assert "ddim_landing" not in schedule.to_diffusers_config()
+    abar = alphas_cumprod(schedule).astype(np.float64)
+    final = np.float64(alphas_cumprod(schedule)[0])
+    rng = np.random.default_rng(0)
+    for t, t_mid, s in zip(*grid):
+        z_t = rng.standard_normal((2, 4, 4, 3))
+        z = z_t
+        for a, b in ((t, t_mid), (t_mid, s)):
+            out = _teacher(torch.from_numpy(z), torch.full((2,), float(a),
+                                                          dtype=torch.float64)).numpy()
+            z = _ddim_step_closed_form(out, z, a, b, abar, final, prediction_type)
+        t_B, mid_B, s_B = (np.full((2,), v, np.int32) for v in (t, t_mid, s))
+        x = np.asarray(distill.two_step_target(_teacher_jax, z_t.astype(np.float32), t_B, mid_B,
+                                               s_B, schedule), np.float64)
+        a_t, sig_t = np.sqrt(abar[t]), np.sqrt(1 - abar[t])
+        ab_s = final if s < 0 else abar[s]
+        landed = np.sqrt(ab_s) * x + np.sqrt(1 - ab_s) * (z_t - a_t * x) / sig_t
+        assert max_rel_err(landed, z) < 1e-5, (t, t_mid, s)

@@ -186,3 +186,17 @@ def test_config_file_errors_name_the_file(tmp_path):
     path.write_text(json.dumps({**SD15_CONFIG, "thresholding": True}))
     with pytest.raises(ValueError, match="scheduler_config.json: thresholding"):
         NoiseSchedule.from_diffusers_config(str(path))
+
+
+def test_next_landing_steps_onto_the_grid_and_equals_diffusers_where_the_count_divides():
+    import dataclasses as dc
+    from snapjax.diffusion.schedule import ddim_plan as plan
+    base = NoiseSchedule(timestep_spacing="trailing")
+    nxt = dc.replace(base, ddim_landing="next")
+    for steps in (4, 8, 50):  # divides 1000: the same plan
+        assert plan(nxt, steps).prev_timesteps.tolist() == plan(base, steps).prev_timesteps.tolist()
+    p = plan(nxt, 16)
+    assert p.prev_timesteps.tolist() == p.timesteps.tolist()[1:] + [-1]
+    assert plan(base, 16).prev_timesteps.tolist()[:2] == [937, 875]  # diffusers: t - 62, not 874
+    with pytest.raises(ValueError, match="ddim_landing"):
+        NoiseSchedule(ddim_landing="uniform")

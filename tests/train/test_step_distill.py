@@ -178,6 +178,15 @@ def test_builds_with_the_teacher_frozen_and_the_student_trained(teacher):
     assert objective.step.keywords["schedule"].timestep_spacing == "trailing"
 
 
+def test_the_papers_32_teacher_steps_build(teacher):
+    """32 -> 16 on 1000 timesteps: the grids nest because each step lands on the next grid
+    timestep (ddim_landing='next'), which the student's schedule carries into its folder."""
+    kw = _objective(teacher, "--config.distill.teacher_steps=32").step.keywords
+    t, mid, s = (a.tolist() for a in kw["grid"])
+    assert len(t) == 16 and s == t[1:] + [-1] and t[:2] == [999, 937] and mid[0] == 968
+    assert kw["schedule"].ddim_landing == "next"
+
+
 def test_a_guidance_conditioned_student_starts_as_its_init(teacher):
     objective = _objective(teacher, "--config.distill.guidance_embed_dim=8",
                            "--config.distill.cfg_prob=1")
@@ -339,7 +348,7 @@ def test_abstract_build_without_a_teacher_folder_takes_the_config_specs():
     assert shapes(objective.pretrained["unet"]) == shapes(abstract_unet_params(student_spec))
     assert all(isinstance(x, jax.ShapeDtypeStruct)
                for x in jax.tree.leaves((objective.frozen, objective.pretrained)))
-    expected = dataclasses.replace(schedule, timestep_spacing="trailing")
+    expected = dataclasses.replace(schedule, timestep_spacing="trailing", ddim_landing="next")
     assert kw["schedule"] == kw["teacher_schedule"] == expected
     assert kw["grid"][0].tolist() == [999, 749, 499, 249]
     assert objective.frozen["empty_context"].shape == (1, 8, 32)

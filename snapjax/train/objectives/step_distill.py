@@ -131,6 +131,14 @@ def _schedule(folder: str) -> NoiseSchedule | None:
     return NoiseSchedule.from_diffusers_config(config) if config.is_file() else None
 
 
+def _grid_options(cfg: StepDistillConfig) -> dict:
+    """The teacher's and student's grid: ``distill.timestep_spacing``, each DDIM step landing on
+    the grid's next timestep, so that 32 -> 16 -> 8 nest on 1000 training timesteps (with
+    diffusers' landing t - 1000 // 32 they do not); where the count divides 1000 (the world's
+    8 -> 4 -> 2) the two landings are the same. The student's folder records it."""
+    return {"timestep_spacing": cfg.timestep_spacing, "ddim_landing": "next"}
+
+
 def _same_noise(a: NoiseSchedule, b: NoiseSchedule) -> bool:
     keys = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "set_alpha_to_one")
     return all(getattr(a, k) == getattr(b, k) for k in keys)
@@ -154,7 +162,7 @@ def _pipeline_meta(cfg: StepDistillConfig):
     if not _same_noise(teacher_schedule, student_schedule):
         raise ConfigError(f"distill.student_init={cfg.student_init}: its noise schedule differs "
                           "from the teacher's (betas, timesteps); distillation needs one")
-    spacing = {"timestep_spacing": cfg.timestep_spacing}
+    spacing = _grid_options(cfg)
     return (dataclasses.replace(teacher_schedule, **spacing),
             dataclasses.replace(student_schedule, **spacing), guidance or 7.5)
 
@@ -255,7 +263,7 @@ def _check_spec_mode(config, abstract: bool, prepared: bool) -> None:
 def _spec_meta(config, cfg: StepDistillConfig):
     """(teacher schedule, student schedule, guidance scale) from ``config.schedule``."""
     schedule = dataclasses.replace(from_config(NoiseSchedule, config.schedule, "schedule"),
-                                   timestep_spacing=cfg.timestep_spacing)
+                                   **_grid_options(cfg))
     return schedule, schedule, 7.5
 
 
