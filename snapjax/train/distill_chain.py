@@ -19,7 +19,7 @@ Stages whose model folder exists are skipped (a folder is written atomically, so
 complete); an interrupted stage resumes from its checkpoint; run the same command again after
 a kill. ``--config.KEY=VALUE`` overrides reach every stage (``--last.KEY=VALUE`` only the
 last, e.g. ``--last.distill.guidance_embed_dim=64`` for a guidance-conditioned final
-student). ``<workdir>/chain.json`` lists the stages, their folders and times.
+student). ``<workdir>/chain_<schedule>.json`` lists the stages, their folders and times.
 """
 
 from __future__ import annotations
@@ -170,7 +170,7 @@ def run(args: argparse.Namespace) -> int:
     if jax.process_index() == 0:
         workdir = pathlib.Path(args.workdir)
         workdir.mkdir(parents=True, exist_ok=True)
-        (workdir / "chain.json").write_text(json.dumps(
+        (workdir / f"chain_{args.schedule}.json").write_text(json.dumps(
             {"schedule": args.schedule, "config": args.config, "stages": records}, indent=1) + "\n")
         for r in records:
             took = "cached" if r["skipped"] else f"{r['seconds']:.0f} s"

@@ -142,3 +142,16 @@ def test_batch_2_is_refused_for_a_guidance_conditioned_unet(guided_pipeline, tmp
         export_coreml(load_source(guided_pipeline, components=("unet",)), tmp_path / "o",
                       CoreMLOptions(unet_batch=2), log=lambda _: None)
     assert not (tmp_path / "o").exists()
+
+
+def test_loop_parity_tool_names_a_missing_manifest_and_measures_psnr(tmp_path):
+    import math
+
+    from export.coreml.loop_parity import loop_parity, psnr
+    a = np.zeros((4, 4, 3), np.uint8)
+    b = a.copy()
+    b[0, 0, 0] = 255
+    assert psnr(a, a) == math.inf
+    assert psnr(a, b) == pytest.approx(10 * math.log10(4 * 4 * 3))
+    with pytest.raises(FileNotFoundError, match="no manifest"):
+        loop_parity(str(tmp_path), str(tmp_path), str(tmp_path), ["a"], [0])
