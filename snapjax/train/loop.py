@@ -69,6 +69,22 @@ class TrainingDiverged(RuntimeError):
 
 # ----------------------------------------------------------------------------- distributed
 
+_ACCELERATOR_MODULES = ("libtpu", "jax_cuda12_plugin", "jax_cuda13_plugin", "jax_rocm60_plugin",
+                        "jax_rocm7_plugin")
+
+
+def cpu_only_host(env=None) -> bool:
+    """Whether JAX will run on the CPU here, decided before any backend starts (a backend must
+    not start before ``jax.distributed.initialize``): ``JAX_PLATFORMS`` if set (its first entry),
+    else whether an accelerator plugin is installed."""
+    import importlib.util
+    env = os.environ if env is None else env
+    platforms = env.get("JAX_PLATFORMS") or jax.config.jax_platforms
+    if platforms:
+        return platforms.split(",")[0].strip().lower() == "cpu"
+    return not any(importlib.util.find_spec(m) for m in _ACCELERATOR_MODULES)
+
+
 def initialize_distributed() -> None:
     """``jax.distributed.initialize()`` when this is one process of several.
 
@@ -76,7 +92,8 @@ def initialize_distributed() -> None:
     ``JAX_PROCESS_ID`` (``JAX_LOCAL_DEVICE_IDS`` optional), as launch/local.sh sets them.
     ``SNAPJAX_DISTRIBUTED=1`` (launch/tpu.sh, launch/gpu.sh): JAX finds the cluster itself
     (Cloud TPU metadata, SLURM, Open MPI). Otherwise a single process: nothing to do.
-    CPU collectives go through gloo.
+    On a CPU-only host, CPU collectives go through gloo (:func:`cpu_only_host`); accelerator
+    hosts keep JAX's default.
     """
     if jax.distributed.is_initialized():
         return
@@ -85,7 +102,8 @@ def initialize_distributed() -> None:
                                        "JAX_PROCESS_ID"))
     if not explicit and env.get("SNAPJAX_DISTRIBUTED") != "1":
         return
-    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    if cpu_only_host():
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
     if explicit:
         jax.distributed.initialize(env["JAX_COORDINATOR_ADDRESS"],
                                    int(env["JAX_NUM_PROCESSES"]), int(env["JAX_PROCESS_ID"]))

@@ -12,6 +12,7 @@ from __future__ import annotations
 import subprocess
 
 import numpy as np
+import pytest
 
 from tests.train.conftest import (TINY_VAE, checkpoint_steps, free_port, losses, run_train,
                                   train_command, train_env)
@@ -67,3 +68,21 @@ def test_two_processes_match_one_and_their_checkpoint_restores(tmp_path, jax_cac
     got = losses(two)
     np.testing.assert_allclose([got[s] for s in (7, 8)], [reference[s] for s in (7, 8)],
                                rtol=1e-5)
+
+
+def test_gloo_is_chosen_only_for_cpu_hosts(monkeypatch):
+    import importlib.util
+
+    from snapjax.train import loop
+    assert loop.cpu_only_host({"JAX_PLATFORMS": "cpu"})
+    assert not loop.cpu_only_host({"JAX_PLATFORMS": "tpu"})
+    assert not loop.cpu_only_host({"JAX_PLATFORMS": "cuda,cpu"})
+    monkeypatch.setenv("JAX_PLATFORMS", "")
+    if loop.jax.config.jax_platforms:
+        pytest.skip("this run sets jax_platforms in the config; the plugin fallback is unused")
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: object() if name == "libtpu" else real(name, *a))
+    assert not loop.cpu_only_host({})  # a TPU VM: libtpu installed, JAX_PLATFORMS unset
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None)
+    assert loop.cpu_only_host({})
