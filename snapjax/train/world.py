@@ -35,20 +35,24 @@ def _config_path(name: str) -> str:
     return str(path)
 
 
-def run_world(workdir: str | pathlib.Path, variant: str = "cpu") -> dict:
+def run_world(workdir: str | pathlib.Path, variant: str = "cpu", *,
+              vae_overrides: list[str] = (), teacher_overrides: list[str] = ()) -> dict:
+    """Train the VAE and the teacher, score the teacher's samples; ``*_overrides`` are
+    ``--config.KEY=VALUE`` flags for each config (the tests shorten both runs with them)."""
     from snapjax.train.loop import train_and_evaluate
 
     workdir = pathlib.Path(workdir)
     vae_dir, teacher_dir = workdir / "vae", workdir / "teacher"
     timings = {}
     t0 = time.perf_counter()
-    vae_config = load_config(f"{_config_path('world_vae.py')}:{variant}")
+    vae_config = load_config(f"{_config_path('world_vae.py')}:{variant}", list(vae_overrides))
     vae_metrics = train_and_evaluate(vae_config, vae_dir)
     timings["vae_seconds"] = time.perf_counter() - t0
 
     t1 = time.perf_counter()
     teacher_config = load_config(f"{_config_path('world_teacher.py')}:{variant}",
-                                 [f"--config.diffusion.vae={vae_dir / 'model'}"])
+                                 [f"--config.diffusion.vae={vae_dir / 'model'}",
+                                  *teacher_overrides])
     teacher_metrics = train_and_evaluate(teacher_config, teacher_dir)
     timings["teacher_seconds"] = time.perf_counter() - t1
     timings["total_seconds"] = time.perf_counter() - t0
