@@ -12,20 +12,17 @@
 #     --teacher models/sd15_v --teacher-steps 32 --schedule progressive
 # (one 8-GPU host: --config configs/sd15_distill.py:gpu. snapjax distill reads its folders with
 #  pathlib, so on a multi-host slice --workdir is a filesystem every worker mounts, not gs://.)
-# NOT RUNNABLE YET AT 32: on SD's 1000 training timesteps no DDIM spacing nests 16 steps in 32
-# (1000 / 32 is not whole: trailing 32 steps are 31 or 32 timesteps apart and diffusers' DDIM
-# step is always 31), so the build stops with distill.student_grid's ConfigError. Until the grid
-# allows that, --teacher-steps 40 (40 -> 20 -> 10, every grid nests) is the nearest schedule.
+# 32 -> 16 nests on SD's 1000 timesteps because step distillation lands each DDIM step on the
+# grid's next timestep (NoiseSchedule.ddim_landing='next'; diffusers' t - 1000 // 32 would not).
 #
 # Compile checks without SD-v1.5's weights (shapes from config.unet, config.student_unet,
 # config.text_encoder, config.schedule; 4 chips, so 64 microbatches keep the pod's 8 images per
-# chip per microbatch; 40 teacher steps since 32 do not nest, which changes only a 20-entry
-# table in the program; docs/distill.md has the measured memory):
+# chip per microbatch; on a 24-GiB host the compile was killed for memory, docs/distill.md):
 # PYTHONPATH=/tmp/libtpu python launch/aot_check.py --config configs/sd15_distill.py \
-#     --topology v5p:2x2x1 --config.distill.teacher= --config.distill.teacher_steps=40 \
+#     --topology v5p:2x2x1 --config.distill.teacher= \
 #     --config.opt.grad_accum_steps=64                                  # SD-v1.5 -> SD-v1.5
 # PYTHONPATH=/tmp/libtpu python launch/aot_check.py --config configs/sd15_distill.py:pod_direct \
-#     --topology v5p:2x2x1 --config.distill.teacher= --config.distill.teacher_steps=40 \
+#     --topology v5p:2x2x1 --config.distill.teacher= \
 #     --config.opt.grad_accum_steps=64                                  # SD-v1.5 -> efficient UNet
 """Step distillation of SD-v1.5 (SnapFusion section 4): students of half their teacher's DDIM
 steps, 32 -> 16 -> 8, with the CFG-aware loss.
