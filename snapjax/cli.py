@@ -27,6 +27,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "distill": ("snapjax.train.distill_chain",
                 "step distillation's schedule (progressive or direct) as one chain of runs"),
     "score-blocks": ("snapjax.evolve.score", "quality lost when each UNet block is dropped"),
+    "eval": ("snapjax.eval.run", "score pipelines over steps and guidance: metrics, plot, grids"),
     "world": ("snapjax.train.world", "train the embedded world's VAE and teacher, score samples"),
     "prepare": ("snapjax.data.prepare", "cache VAE latents and text embeddings as ArrayRecord shards"),
     "generate-latents": ("snapjax.data.generated",

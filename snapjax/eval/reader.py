@@ -254,6 +254,18 @@ def _run(reader: ReaderState, images) -> tuple[np.ndarray, dict[str, np.ndarray]
                                     for k, a in enumerate(names)})
 
 
+def read(reader: ReaderState, images) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """Features [N, F] and canonical predicted labels {attr: int32 [N]} in one pass."""
+    return _run(reader, images)
+
+
+def stated_labels(reader: ReaderState, attributes: Mapping[str, np.ndarray], n: int
+                  ) -> dict[str, np.ndarray]:
+    """The captions' labels in canonical form, only attributes stated at least once (< 0: not
+    stated for that image); checked against the reader's attributes and the image count."""
+    return _stated_labels(reader, attributes, n)
+
+
 def predict(reader: ReaderState, images) -> dict[str, np.ndarray]:
     """The attribute labels the reader sees in each image, in canonical form: {attr: int32 [N]}."""
     return _run(reader, images)[1]
