@@ -66,9 +66,15 @@ class InceptionFeatures:
             log.warning("Inception weights %s have SHA-256 %s, not the expected %s: FIDs "
                         "computed with them are not comparable to published ones",
                         path, digest, expected_sha256)
+        import warnings
+
         import torch  # the metric model is PyTorch: see the module docstring
         try:
-            model = torch.jit.load(str(path), map_location="cpu").eval()
+            with warnings.catch_warnings():
+                # torch 2.13 deprecates TorchScript, but the standard file is one; nothing
+                # else reads it with the exact published network.
+                warnings.simplefilter("ignore", DeprecationWarning)
+                model = torch.jit.load(str(path), map_location="cpu").eval()
         except RuntimeError as e:
             raise ValueError(f"Inception weights {path}: not a TorchScript file "
                              f"torch.jit.load can read ({str(e).splitlines()[0]})") from None
