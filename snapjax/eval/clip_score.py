@@ -200,31 +200,3 @@ class ClipScorer:
     def __call__(self, images_BHWC: np.ndarray, prompts: Sequence[str]) -> np.ndarray:
         """CLIP scores (B,) in [0, 100]: max(100 * cos, 0)."""
         return scores_from_cosine(self.cosine(images_BHWC, prompts))
-
-
-def read_prompts(path: str | Path, num: int | None = None, seed: int = 0) -> list[str]:
-    """The prompts of a text file, one per line (blank lines skipped, ends stripped).
-
-    ``num``: a seeded subset of that many (``default_rng(seed).choice`` without replacement),
-    kept in file order; None or the file's count: every prompt.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise ValueError(f"prompts file {path} does not exist (a UTF-8 text file, one prompt "
-                         "per line)")
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as e:
-        raise ValueError(f"prompts file {path} is not UTF-8 text ({e})") from None
-    prompts = [line.strip() for line in text.splitlines() if line.strip()]
-    if not prompts:
-        raise ValueError(f"prompts file {path} has no prompts (one per line)")
-    if num is None:
-        return prompts
-    if num < 1:
-        raise ValueError(f"asked for {num} prompts from {path}; need at least 1")
-    if num > len(prompts):
-        raise ValueError(f"prompts file {path} has {len(prompts)} prompts, fewer than the "
-                         f"{num} asked for")
-    keep = np.sort(np.random.default_rng(seed).choice(len(prompts), size=num, replace=False))
-    return [prompts[i] for i in keep]

@@ -19,7 +19,6 @@ from pathlib import Path
 
 import numpy as np
 
-from snapjax.eval.clip_score import read_prompts as read_text_prompts
 
 # name -> (captions per image, default count: None = one per image, all images)
 COCO_SETS = {"coco2014-30k": 30_000, "coco2017-5k": None, "coco-6k": 6_000}
@@ -33,6 +32,39 @@ class PromptSet:
 
     def __len__(self) -> int:
         return len(self.prompts)
+
+
+def seeded_subset(count: int, num: int, seed: int, source: str, unit: str) -> np.ndarray:
+    """Sorted indices of ``num`` of ``count`` items (``default_rng(seed)``, no replacement);
+    ``source`` and ``unit`` word the error when there are fewer than asked for."""
+    if num < 1:
+        raise ValueError(f"asked for {num} prompts ({source} {count} {unit}); need at least 1")
+    if num > count:
+        raise ValueError(f"{source} {count} {unit}, fewer than the {num} prompts asked for")
+    return np.sort(np.random.default_rng(seed).choice(count, size=num, replace=False))
+
+
+def read_prompts(path: str | Path, num: int | None = None, seed: int = 0) -> list[str]:
+    """The prompts of a text file, one per line (blank lines skipped, ends stripped).
+
+    ``num``: a seeded subset of that many (``default_rng(seed).choice`` without replacement),
+    kept in file order; None or the file's count: every prompt.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"prompts file {path} does not exist (a UTF-8 text file, one prompt "
+                         "per line)")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"prompts file {path} is not UTF-8 text ({e})") from None
+    prompts = [line.strip() for line in text.splitlines() if line.strip()]
+    if not prompts:
+        raise ValueError(f"prompts file {path} has no prompts (one per line)")
+    if num is None:
+        return prompts
+    return [prompts[i] for i in seeded_subset(len(prompts), num, seed,
+                                              f"prompts file {path} has", "prompts")]
 
 
 def _coco_annotations(path: Path) -> list[tuple[int, int, str]]:
@@ -70,13 +102,8 @@ def coco_prompts(path: str | Path, num: int | None = None, seed: int = 0) -> Pro
             first[image_id] = (ann_id, caption)
     ids = sorted(first)
     if num is not None:
-        if num < 1:
-            raise ValueError(f"asked for {num} prompts from {path}; need at least 1")
-        if num > len(ids):
-            raise ValueError(f"COCO annotations {path} caption {len(ids)} images, fewer than "
-                             f"the {num} prompts asked for")
-        keep = np.sort(np.random.default_rng(seed).choice(len(ids), size=num, replace=False))
-        ids = [ids[i] for i in keep]
+        ids = [ids[i] for i in seeded_subset(len(ids), num, seed,
+                                             f"COCO annotations {path} caption", "images")]
     return PromptSet([first[i][1] for i in ids], ids, str(path))
 
 
@@ -91,4 +118,4 @@ def load_prompt_set(spec: str, num: int | None = None, seed: int = 0) -> PromptS
         return coco_prompts(file, COCO_SETS[name] if num is None else num, seed)
     if spec.endswith(".json"):
         return coco_prompts(spec, num, seed)
-    return PromptSet(read_text_prompts(spec, num, seed), None, spec)
+    return PromptSet(read_prompts(spec, num, seed), None, spec)

@@ -56,7 +56,8 @@ def _clip_inputs(cfg: EvolveConfig) -> list[str] | None:
     loads, so a wrong path fails in seconds); None for the other measures."""
     if cfg.quality != "clip":
         return None
-    from snapjax.eval.clip_score import check_folder, read_prompts
+    from snapjax.eval.clip_score import check_folder
+    from snapjax.eval.prompts import read_prompts
     try:
         check_folder(cfg.clip_model)
         return read_prompts(cfg.prompts_file, cfg.num_prompts, seed=cfg.seed)

@@ -8,7 +8,8 @@ import shutil
 import numpy as np
 import pytest
 
-from snapjax.eval.clip_score import ClipScorer, check_folder, read_prompts
+from snapjax.eval.clip_score import ClipScorer, check_folder
+from snapjax.eval.prompts import read_prompts
 
 WORDS = ("a", "red", "blue", "green", "circle", "square", "on", "the", "left", "right", "photo")
 PROMPTS = ["a red circle", "a blue square on the left", "photo", "the green circle on the right"]
