@@ -71,20 +71,15 @@ def unet_calls_per_image(pipe, setting: Setting) -> int:
     return setting.steps * per_step
 
 
-def component_gflops(pipe) -> dict[str, float]:
-    """GFLOPs of one call of each component at the pipeline's resolution (batch 1)."""
+def component_costs(pipe) -> tuple[dict[str, float], dict[str, int]]:
+    """GFLOPs of one call and parameter counts of the UNet, decoder and text encoder at the
+    pipeline's resolution (batch 1), as ``snapjax summary`` counts them."""
     from snapjax.summary import summarize
     side = pipe.sample_size * pipe.vae.spec.downsample_factor
-    rows = summarize({"unet": ("unet", pipe.unet.spec), "vae": ("vae", pipe.vae.spec),
-                      "text_encoder": ("text_encoder", pipe.text_encoder.spec)}, side)
-    return {r.name: r.gflops for r in rows}
-
-
-def component_params(pipe) -> dict[str, int]:
-    count = lambda tree: sum(int(x.size) for x in jax.tree.leaves(tree))  # noqa: E731
-    dec = {k: v for k, v in pipe.vae_params.items() if k in ("decoder", "post_quant_conv")}
-    return {"unet": count(pipe.unet_params), "vae_decoder": count(dec),
-            "text_encoder": count(pipe.text_encoder_params)}
+    rows = [r for r in summarize({"unet": ("unet", pipe.unet.spec), "vae": ("vae", pipe.vae.spec),
+                                  "text_encoder": ("text_encoder", pipe.text_encoder.spec)}, side)
+            if r.name != "vae_encoder"]
+    return {r.name: r.gflops for r in rows}, {r.name: r.params for r in rows}
 
 
 def cost_per_image(pipe, setting: Setting, gflops: Mapping[str, float]) -> dict:
@@ -159,15 +154,14 @@ class RealTask:
 
     def _metrics(self, images_NHWC: np.ndarray, prompts: list[str], resample_seed: int,
                  with_intervals: bool) -> dict:
-        from snapjax.eval import frechet
+        from snapjax.eval import fid
         out = {}
         if self.clip is not None:
             scores = self.clip(images_NHWC, prompts) / 100.0    # the paper's scale
             out["clip_score"] = (intervals.mean_interval(scores, seed=resample_seed)
                                  if with_intervals else float(scores.mean()))
         if not with_intervals and self.inception is not None and self.ref_stats is not None:
-            out["fid"] = frechet.frechet_distance_from_stats(
-                *frechet.gaussian_stats(self.inception(images_NHWC)), *self.ref_stats)
+            out["fid"] = fid.fid(self.inception, images_NHWC, *self.ref_stats)
         return out
 
     def score(self, images_NHWC: np.ndarray, num_seeds: int, *, resample_seed: int = 0) -> dict:
@@ -191,7 +185,7 @@ def evaluate(pipes: Mapping[str, object], task, settings: Mapping[str, Sequence[
     bar = tqdm(total=total, desc="eval", unit="run", disable=not progress)
     results, images = {}, {}
     for name, pipe in pipes.items():
-        gflops = component_gflops(pipe)
+        gflops, params = component_costs(pipe)
         rows = []
         for setting in settings[name]:
             per_seed, pooled = {}, []
@@ -216,7 +210,7 @@ def evaluate(pipes: Mapping[str, object], task, settings: Mapping[str, Sequence[
             if latency:
                 row["latency_s"] = measure_latency(pipe, setting)
             rows.append(row)
-        results[name] = {"params": component_params(pipe), "gflop_per_call": gflops,
+        results[name] = {"params": params, "gflop_per_call": gflops,
                          "guidance_conditioned": pipe.guidance_conditioned,
                          "default_steps": pipe.num_steps,
                          "default_guidance": pipe.guidance_scale, "settings": rows}

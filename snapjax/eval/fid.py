@@ -96,10 +96,6 @@ class InceptionFeatures:
         return np.concatenate(out) if out else np.zeros((0, 0))
 
 
-def fid_from_features(feats_a_NF: np.ndarray, feats_b_NF: np.ndarray) -> float:
-    return frechet.frechet_distance(feats_a_NF, feats_b_NF)
-
-
 def reference_stats(extractor: InceptionFeatures, images_BHWC: np.ndarray, cache: str | Path,
                     *, key: str) -> tuple[np.ndarray, np.ndarray]:
     """Mean and covariance of the reference set's features, from ``cache`` (an ``.npz``) when

@@ -2,10 +2,10 @@
 
 The percentile bootstrap (Efron): resample the N scored images with replacement R times,
 recompute the statistic on each resample, and report the (1 - level) / 2 and (1 + level) / 2
-quantiles of the R values. The statistic is either a mean of per-image values (accuracy, CLIP
-score: vectorised over all resamples at once) or any function of the resampled indices (the
-Fréchet distance, refitted on each resample of the generated features; the reference set stays
-fixed, since it is the target, not a sample of the method).
+quantiles of the R values, for a mean of per-image values (accuracy, CLIP score: vectorised
+over all resamples at once); :func:`statistic_interval` takes any function of the resampled
+indices (the mean accuracy over attributes) and gives the basic interval [2 v - q_high,
+2 v - q_low], equal to the percentile one for an unbiased statistic.
 
 A Fréchet distance is not resampled at all. Its covariance estimate biases it upwards, and a
 resample with repeated images (about a third of a bootstrap resample's rows) is biased far

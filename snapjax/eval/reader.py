@@ -254,18 +254,6 @@ def _run(reader: ReaderState, images) -> tuple[np.ndarray, dict[str, np.ndarray]
                                     for k, a in enumerate(names)})
 
 
-def read(reader: ReaderState, images) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-    """Features [N, F] and canonical predicted labels {attr: int32 [N]} in one pass."""
-    return _run(reader, images)
-
-
-def stated_labels(reader: ReaderState, attributes: Mapping[str, np.ndarray], n: int
-                  ) -> dict[str, np.ndarray]:
-    """The captions' labels in canonical form, only attributes stated at least once (< 0: not
-    stated for that image); checked against the reader's attributes and the image count."""
-    return _stated_labels(reader, attributes, n)
-
-
 def predict(reader: ReaderState, images) -> dict[str, np.ndarray]:
     """The attribute labels the reader sees in each image, in canonical form: {attr: int32 [N]}."""
     return _run(reader, images)[1]
@@ -312,19 +300,29 @@ def frechet_distance(reader: ReaderState, images_a, images_b) -> float:
     return frechet.frechet_distance(features(reader, images_a), features(reader, images_b))
 
 
+def correct_per_image(reader: ReaderState, images, attributes: Mapping[str, np.ndarray]
+                      ) -> tuple[np.ndarray, dict[str, np.ndarray], np.ndarray]:
+    """Features [N, F]; per stated attribute a float [N] of 1 (read as captioned), 0 (not) or
+    NaN (not stated for that image); and the every-stated-attribute-right indicator [N]."""
+    feats, preds = _run(reader, images)
+    labels = _stated_labels(reader, attributes, feats.shape[0])
+    per_attr = {a: np.where(y >= 0, (preds[a] == y).astype(np.float64), np.nan)
+                for a, y in labels.items()}
+    ok = np.ones(feats.shape[0], bool)
+    for attr, y in labels.items():
+        ok &= (y < 0) | (preds[attr] == y)
+    return feats, per_attr, ok.astype(np.float64)
+
+
 def score(reader: ReaderState, images, attributes: Mapping[str, np.ndarray],
           reference_images=None) -> dict[str, float]:
     """The world's metrics: accuracy per attribute, their mean, the rate at which every
     stated attribute is right, and (given reference images) the Fréchet distance."""
-    feats, preds = _run(reader, images)
-    labels = _stated_labels(reader, attributes, feats.shape[0])
-    acc = _accuracy(preds, labels)
+    feats, per_attr, all_ok = correct_per_image(reader, images, attributes)
+    acc = {a: float(np.nanmean(v)) for a, v in per_attr.items()}
     out = {f"accuracy/{k}": v for k, v in acc.items()}
     out["accuracy/mean"] = float(np.mean(list(acc.values()))) if acc else float("nan")
-    ok = np.ones(feats.shape[0], bool)
-    for attr, y in labels.items():
-        ok &= (y < 0) | (preds[attr] == y)
-    out["accuracy/all"] = float(ok.mean()) if len(ok) else float("nan")
+    out["accuracy/all"] = float(all_ok.mean()) if len(all_ok) else float("nan")
     if reference_images is not None:
         out["frechet_distance"] = frechet.frechet_distance(feats, features(reader, reference_images))
     return out

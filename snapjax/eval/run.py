@@ -59,9 +59,10 @@ def settings_for(pipe, steps: list[int] | None, guidance: list[float] | None) ->
 
 
 def load_reference_images(folder: str, side: int) -> tuple[np.ndarray, str]:
-    """uint8 (N, side, side, 3) of every image file in ``folder`` (centre-cropped square,
-    bicubic resize), and a key naming the set (its sorted file names) for the stats cache."""
-    from PIL import Image
+    """uint8 (N, side, side, 3) of every image file in ``folder`` (shorter side resized, centre
+    square: the training data's preprocessing), and a key naming the set (its sorted file
+    names) for the stats cache."""
+    from snapjax.data.images import load_image
     root = Path(folder)
     if not root.is_dir():
         raise ValueError(f"--reference-images {root}: not a folder of images")
@@ -69,14 +70,8 @@ def load_reference_images(folder: str, side: int) -> tuple[np.ndarray, str]:
     if len(files) < 2:
         raise ValueError(f"--reference-images {root}: {len(files)} image files "
                          f"({'/'.join(IMAGE_SUFFIXES)}); FID needs at least 2")
-    out = []
-    for f in files:
-        img = Image.open(f).convert("RGB")
-        s = min(img.size)
-        left, top = (img.width - s) // 2, (img.height - s) // 2
-        out.append(np.asarray(img.crop((left, top, left + s, top + s))
-                              .resize((side, side), Image.BICUBIC)))
-    return np.stack(out), json.dumps([f.name for f in files])
+    images = [load_image(f.read_bytes(), side, str(f)) for f in files]
+    return np.stack(images), json.dumps([f.name for f in files])
 
 
 def build_real_task(args, side: int) -> RealTask:

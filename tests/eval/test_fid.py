@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from snapjax.eval import fid
+from snapjax.eval.frechet import gaussian_stats
 
 
 class TinyInception(torch.nn.Module):
@@ -48,7 +49,7 @@ def test_fid_equals_torchmetrics(weights):
 
     extractor = fid.InceptionFeatures.from_file(weights)
     real, fake = _images(0), _images(1, shift=30)
-    ours = fid.fid_from_features(extractor(real), extractor(fake))
+    ours = fid.fid(extractor, fake, *gaussian_stats(extractor(real)))
 
     class Features(torch.nn.Module):       # torchmetrics calls feature(imgs) -> (N, F)
         def __init__(self):
@@ -70,9 +71,9 @@ def test_fid_equals_torchmetrics(weights):
 
 def test_fid_of_a_set_with_itself_is_zero(weights):
     extractor = fid.InceptionFeatures.from_file(weights)
-    feats = extractor(_images(2))
-    shifted = fid.fid_from_features(feats, extractor(_images(3, shift=40)))
-    assert fid.fid_from_features(feats, feats) < 1e-6 * shifted
+    stats = gaussian_stats(extractor(_images(2)))
+    shifted = fid.fid(extractor, _images(3, shift=40), *stats)
+    assert fid.fid(extractor, _images(2), *stats) < 1e-6 * shifted
 
 
 def test_reference_stats_are_cached_per_set_and_weights(weights, tmp_path, monkeypatch):
