@@ -276,6 +276,30 @@ class TextToImage:
         return pixels // self.vae_factor
 
 
+def assemble_pipeline(out: str | os.PathLike, base: str | os.PathLike,
+                      replace: dict[str, str | os.PathLike], *, overwrite: bool = False) -> Path:
+    """Write pipeline folder ``out``: ``base``'s components and sampling defaults with some
+    components taken from other model folders (``{"vae": decoder_folder}``), e.g. a distilled
+    UNet with a pruned decoder. A VAE must have the latents of the UNet it serves."""
+    unknown = sorted(set(replace) - {"unet", "vae", "text_encoder"})
+    if unknown:
+        raise ValueError(f"assemble_pipeline: cannot replace {unknown}; components are "
+                         "unet, vae and text_encoder")
+    pipe = TextToImage.from_pretrained(base)
+    for kind, folder in replace.items():
+        module, params = pretrained.load_component(Path(folder), kind)
+        setattr(pipe, kind, module)
+        setattr(pipe, f"{kind}_params", params)
+    if pipe.vae.spec.latent_channels != pipe.unet.spec.in_channels:
+        raise ValueError(f"{replace.get('vae', Path(base) / 'vae')}: VAE latents have "
+                         f"{pipe.vae.spec.latent_channels} channels, the UNet of {base} takes "
+                         f"{pipe.unet.spec.in_channels}")
+    if pipe.text_encoder.spec.width != pipe.unet.spec.context_dim:
+        raise ValueError(f"text encoder width {pipe.text_encoder.spec.width} != the UNet's "
+                         f"context_dim {pipe.unet.spec.context_dim}")
+    return pipe.save_pretrained(out, overwrite=overwrite)
+
+
 def image_grid(images_BHWC: np.ndarray, columns: int | None = None) -> np.ndarray:
     """Tile images into one (rows*H, columns*W, 3) array, row-major, black padding."""
     images_BHWC = np.asarray(images_BHWC)
