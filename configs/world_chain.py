@@ -20,7 +20,8 @@ docs page measured):
 
 The evaluation compares every model on the same 256 held-out captions x 3 noise seeds over
 the guidance sweep, on the trailing DDIM grid (the students' grid; the teacher samples as well
-on it: docs/distill.md); the reference is the teacher at 50 steps.
+on it: docs/distill.md); the reference is the teacher at 50 steps. The ablations
+(``--stages ablations,report``, not run by default) train their variants with the same sizing.
 """
 
 import ml_collections
@@ -49,4 +50,8 @@ def get_config(arg: str = "cpu") -> ml_collections.ConfigDict:
         "num_prompts": 256, "seeds": (0, 1, 2), "guidance": (1.0, 2.0, 4.0),
         "reference_steps": 50, "spacing": "trailing", "batch_size": 64, "latency": True})
     config.export = ml_collections.ConfigDict({"torch": True, "coreml": True})
+    # `--stages ablations,report`: these variants, each trained with the chain's sizing.
+    config.ablations = ml_collections.ConfigDict({"run": (
+        "direct_vs_progressive", "cfg_aware_loss", "original_loss_gamma", "guidance_conditioned",
+        "decoder_init", "robust_vs_plain", "evolution_vs_naive")})
     return config

@@ -17,6 +17,8 @@ them):
   final     the distilled UNet with the pruned decoder      WORKDIR/final/model
   eval      every model on the same prompts and seeds       WORKDIR/eval/eval.json
   export    the final model to PyTorch and Core ML          WORKDIR/export/{torch,coreml}
+  ablations (only when asked: --stages ablations,report) the variants behind the paper's other
+            claims, each scored like the chain's models   WORKDIR/ablations/<name>
   report    REPORT.md and report.json: the paper's claims, one row per model
 
 A stage whose output exists is skipped (folders are written atomically, so an existing one is
@@ -76,8 +78,8 @@ class Chain:
             return self.workdir / "distill" / f"direct_{steps}" / "model"
         if stage == "eval":
             return self.workdir / "eval" / "eval.json"
-        if stage == "export":
-            return self.workdir / "export"
+        if stage in ("export", "ablations"):
+            return self.workdir / stage
         return self.workdir / stage / "model"
 
     def stage_config(self, stage: str, extra: Sequence[str] = ()) -> ml_collections.ConfigDict:
@@ -236,6 +238,12 @@ def stage_export(chain: Chain) -> dict:
     return done
 
 
+def stage_ablations(chain: Chain) -> dict:
+    from snapjax.train.world_ablations import run_ablations
+    _require(chain, "teacher", "robust", "evolve", "decoder", "distill", "eval")
+    return {name: r.get("models", {}) for name, r in run_ablations(chain).items()}
+
+
 def stage_report(chain: Chain) -> dict:
     from snapjax.eval.report import write_report
     _require(chain, "eval")
@@ -246,12 +254,18 @@ def stage_report(chain: Chain) -> dict:
 STAGES: dict[str, Callable[[Chain], dict]] = {
     "vae": stage_vae, "teacher": stage_teacher, "robust": stage_robust, "evolve": stage_evolve,
     "decoder": stage_decoder, "distill": stage_distill, "final": stage_final,
-    "eval": stage_eval, "export": stage_export, "report": stage_report}
+    "eval": stage_eval, "export": stage_export, "ablations": stage_ablations,
+    "report": stage_report}
+# What a plain `snapjax world` runs: the chain without the ablations (they double its time).
+DEFAULT_STAGES = tuple(s for s in STAGES if s != "ablations")
 
 
 def _done(chain: Chain, stage: str) -> bool:
     if stage == "report":
         return False                 # cheap, and it must see the latest numbers
+    if stage == "ablations":
+        from snapjax.train.world_ablations import result_path, selected
+        return all(result_path(chain, n).is_file() for n in selected(chain))
     if stage == "export":
         out = chain.model("export")
         return all((out / t).exists() for t in ("torch", "coreml") if chain.config.export[t])
@@ -260,7 +274,7 @@ def _done(chain: Chain, stage: str) -> bool:
 
 def parse_stages(spec: str | None) -> list[str]:
     if not spec:
-        return list(STAGES)
+        return list(DEFAULT_STAGES)
     chosen = [s.strip() for s in spec.split(",") if s.strip()]
     unknown = [s for s in chosen if s not in STAGES]
     if unknown or not chosen:
@@ -290,14 +304,14 @@ def _write_records(workdir: pathlib.Path, records: dict) -> None:
 def run_world(workdir: str | pathlib.Path, *, stages: Sequence[str] | None = None,
               config: ml_collections.ConfigDict | None = None,
               overrides: Mapping[str, Sequence[str]] | None = None) -> dict:
-    """Run ``stages`` (default all) in order, skipping finished ones; returns chain.json's
+    """Run ``stages`` (default: all but the ablations) in order, skipping finished ones; returns chain.json's
     records (stage -> seconds, outputs, and whether this call ran it)."""
     chain = Chain(pathlib.Path(workdir), config or load_config(config_path("world_chain.py")),
                   dict(overrides or {}))
     unknown = sorted(set(chain.overrides) - set(STAGE_CONFIGS))
     if unknown:
         raise ValueError(f"overrides for {unknown}: only {sorted(STAGE_CONFIGS)} have a config")
-    chosen = list(stages or STAGES)
+    chosen = list(stages or DEFAULT_STAGES)
     records = read_records(chain.workdir)
     for i, stage in enumerate(chosen):
         if _done(chain, stage):
@@ -309,7 +323,7 @@ def run_world(workdir: str | pathlib.Path, *, stages: Sequence[str] | None = Non
         t0 = time.perf_counter()
         outputs = STAGES[stage](chain)
         seconds = time.perf_counter() - t0
-        if stage != "report" and not _done(chain, stage):
+        if stage not in ("report", "ablations") and not _done(chain, stage):
             # A training stage returns without its model when it was preempted (it saved).
             _write_records(chain.workdir, records)
             raise InterruptedError(f"stage {stage!r} stopped before writing {chain.model(stage)} "
@@ -366,7 +380,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="the chain's config (default configs/world_chain.py; "
                              "configs/world_chain.py:accel for a GPU/TPU)")
     parser.add_argument("--stages", default=None,
-                        help=f"comma-separated subset, run in chain order ({','.join(STAGES)})")
+                        help=f"comma-separated subset, run in chain order ({','.join(STAGES)}; "
+                             "default: all but ablations)")
     parser.set_defaults(_accepts_overrides=True)
     parser.epilog = ("--config.KEY=VALUE overrides the chain's config, --STAGE.KEY=VALUE a "
                      "stage's own config (e.g. --teacher.train.steps=2000)")
