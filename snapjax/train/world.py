@@ -80,6 +80,8 @@ class Chain:
             return self.workdir / "eval" / "eval.json"
         if stage in ("export", "ablations"):
             return self.workdir / stage
+        if stage == "report":
+            return self.workdir / "REPORT.md"
         return self.workdir / stage / "model"
 
     def stage_config(self, stage: str, extra: Sequence[str] = ()) -> ml_collections.ConfigDict:
@@ -304,8 +306,8 @@ def _write_records(workdir: pathlib.Path, records: dict) -> None:
 def run_world(workdir: str | pathlib.Path, *, stages: Sequence[str] | None = None,
               config: ml_collections.ConfigDict | None = None,
               overrides: Mapping[str, Sequence[str]] | None = None) -> dict:
-    """Run ``stages`` (default: all but the ablations) in order, skipping finished ones; returns chain.json's
-    records (stage -> seconds, outputs, and whether this call ran it)."""
+    """Run ``stages`` (default: all but the ablations) in order, skipping finished ones;
+    returns chain.json's records (stage -> seconds, outputs, whether this call ran it)."""
     chain = Chain(pathlib.Path(workdir), config or load_config(config_path("world_chain.py")),
                   dict(overrides or {}))
     unknown = sorted(set(chain.overrides) - set(STAGE_CONFIGS))

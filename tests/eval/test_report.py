@@ -25,37 +25,48 @@ def _model(*rows, decoder_params=400_000, decoder_gflop=0.1):
             "settings": list(rows)}
 
 
-def test_best_takes_the_highest_accuracy_then_the_lower_distance():
+def test_best_takes_each_metric_at_its_own_best_guidance():
     results = {"m": _model(_row(2, 1, 0.80, 0.02, 50, 2), _row(2, 2, 0.90, 0.02, 40, 2),
-                           _row(2, 4, 0.90, 0.02, 30, 2), _row(50, 2, 0.99, 0.01, 10, 1))}
-    assert report.best(results, "m", 2)["guidance"] == 4
+                           _row(2, 4, 0.90, 0.02, 30, 2), _row(2, 7, 0.85, 0.02, 25, 2),
+                           _row(50, 2, 0.99, 0.01, 10, 1))}
+    assert report.best(results, "m", 2)["guidance"] == 4           # tie on accuracy: lower FD
+    assert report.best(results, "m", 2, report.FD)["guidance"] == 7
     assert report.best(results, "m", 50)["guidance"] == 2
-    assert report.best(results, "m", 8) is None and report.best(results, "x", 2) is None
+    assert report.best(results, "m", 8) is None and report.side(results, "x", 2) is None
 
 
-@pytest.mark.parametrize("acc, fd, matches, better", [
-    (0.93, 20.0, True, False),   # inside the other's intervals: matches, not clearly better
-    (0.98, 15.0, True, True),    # above its accuracy interval, lower distance
-    (0.88, 20.0, False, False),  # below its accuracy interval
-    (0.93, 30.0, False, False),  # Fréchet distance beyond its upper bound
+def _side(acc, acc_half, fd, fd_half):
+    row = _row(2, 2, acc, acc_half, fd, fd_half)
+    return {report.ALL: row, report.FD: row}
+
+
+@pytest.mark.parametrize("acc, fd, verdict_matches, verdict_better", [
+    (0.93, 20.0, report.HOLDS, report.FAILS),           # inside both intervals
+    (0.98, 15.0, report.HOLDS, report.HOLDS),           # both intervals apart, in its favour
+    (0.88, 20.0, "holds on Fréchet only", report.FAILS),
+    (0.93, 30.0, "holds on accuracy only", report.FAILS),
+    (0.93, 12.0, report.HOLDS, "holds on Fréchet only"),
 ])
-def test_matches_and_clearly_better(acc, fd, matches, better):
-    other = _row(2, 2, 0.93, 0.02, 20.0, 3.0)
-    mine = _row(2, 2, acc, 0.01, fd, 1.0)
-    assert report.matches(mine, other) is matches
-    assert report.clearly_better(mine, other) is better
+def test_matches_and_better_per_metric(acc, fd, verdict_matches, verdict_better):
+    other = _side(0.93, 0.02, 20.0, 3.0)
+    mine = _side(acc, 0.01, fd, 1.0)
+    assert report.judge("matches", mine, other) == verdict_matches
+    assert report.judge("better", mine, other) == verdict_better
 
 
 def test_headroom_needs_an_imperfect_reference_and_a_worse_few_step_teacher():
-    def teacher(ref_acc, few_acc):
+    def teacher(ref_acc, few_acc, few_fd=80):
         return {"teacher": _model(_row(50, 2, ref_acc, 0.015, 20, 1),
-                                  _row(2, 2, few_acc, 0.02, 80, 5))}
-    assert report.headroom(teacher(0.93, 0.65, ), 50, 2)["holds"]
+                                  _row(2, 2, few_acc, 0.02, few_fd, 5))}
+    assert report.headroom(teacher(0.93, 0.65), 50, 2)["verdict"] == "yes"
     saturated = report.headroom(teacher(0.99, 0.65), 50, 2)          # ends above 0.98
-    assert not saturated["holds"] and not saturated["short_of_perfect"]
-    flat = report.headroom(teacher(0.93, 0.92), 50, 2)               # few steps as good
-    assert not flat["holds"] and not flat["few_steps_clearly_worse"]
-    assert not report.headroom({"teacher": _model(_row(50, 2, 0.9, 0.01, 20, 1))}, 50, 2)["holds"]
+    assert saturated["verdict"] == "no" and not saturated["short_of_perfect"]
+    # the world's case: few steps as accurate, but a far worse Fréchet distance
+    flat = report.headroom(teacher(0.93, 0.92), 50, 2)
+    assert flat["verdict"] == "only on the Fréchet distance" and not flat["holds"]
+    assert report.headroom(teacher(0.93, 0.92, few_fd=21), 50, 2)["verdict"] == "no"
+    missing = report.headroom({"teacher": _model(_row(50, 2, 0.9, 0.01, 20, 1))}, 50, 2)
+    assert missing["verdict"] == report.NOT_MEASURED
 
 
 def test_claim_verdicts_follow_the_numbers():
@@ -65,7 +76,7 @@ def test_claim_verdicts_follow_the_numbers():
         "evolved": _model(_row(50, 2, 0.93, 0.015, 21, 1, gflop=3.8, calls=100),
                           _row(2, 2, 0.70, 0.03, 60, 8, gflop=0.28, calls=4)),
         "student": _model(_row(2, 2, 0.92, 0.02, 21, 1, gflop=0.28, calls=4)),
-        "final": _model(_row(2, 2, 0.91, 0.02, 22, 1, gflop=0.19, latency=0.004, calls=4),
+        "final": _model(_row(2, 2, 0.91, 0.02, 20.5, 1, gflop=0.19, latency=0.004, calls=4),
                         decoder_params=100_000, decoder_gflop=0.025)}
     ctx = {"reference_steps": 50, "few_steps": 2, "decoder_psnr": 30.0,
            "evolve": {"start_blocks": 15, "blocks": 8, "start_latency": 0.06,
@@ -77,8 +88,8 @@ def test_claim_verdicts_follow_the_numbers():
     assert verdicts["evolution_quality"] == report.HOLDS          # 0.93 >= 0.925, 21 <= 21
     assert verdicts["decoder_size"] == report.HOLDS               # 4x fewer params
     assert verdicts["decoder_quality"] == report.HOLDS
-    assert verdicts["distill_beats_teacher"] == report.HOLDS
-    assert verdicts["headline_quality"] == report.FAILS           # 0.91 < 0.925
+    assert verdicts["distill_beats_teacher"] == report.HOLDS      # 0.90 > 0.68; 22 < 67
+    assert verdicts["headline_quality"] == "holds on Fréchet only"  # 0.91 < 0.925; 20.5 <= 21
     assert verdicts["headline_flops"] == report.HOLDS             # 0.19 / 6.2 = 0.03
     assert verdicts["headline_latency"] == report.HOLDS           # 20x
     assert all(verdicts[c] == report.NOT_MEASURED for c, _, _ in report.ABLATION_CLAIMS)

@@ -56,7 +56,7 @@ def _chain_config():
 
 def test_shortened_chain_writes_loadable_stages_and_a_report_naming_every_claim(tmp_path):
     from snapjax import pretrained
-    from snapjax.eval.report import CLAIM_IDS, HOLDS, FAILS, NOT_MEASURED
+    from snapjax.eval.report import CLAIM_IDS, FAILS, HOLDS, NOT_MEASURED, PARTLY
     from snapjax.pipeline import TextToImage
     from snapjax.train.world import DEFAULT_STAGES, run_world
 
@@ -105,7 +105,7 @@ def test_shortened_chain_writes_loadable_stages_and_a_report_naming_every_claim(
     # The report names every claim with a verdict, and has a row per model and step count.
     report = json.loads((workdir / "report.json").read_text())
     assert [c["id"] for c in report["claims"]] == list(CLAIM_IDS)
-    assert all(c["verdict"] in (HOLDS, FAILS, NOT_MEASURED) for c in report["claims"])
+    assert all(c["verdict"] in (HOLDS, FAILS, NOT_MEASURED, *PARTLY) for c in report["claims"])
     measured = {c["id"] for c in report["claims"] if c["verdict"] != NOT_MEASURED}
     assert {"evolution_cost", "decoder_size", "headline_flops", "headline_latency"} <= measured
     # The verdicts follow the numbers: here the reference is the teacher at 8 steps, so 2 steps
@@ -142,7 +142,7 @@ def test_shortened_chain_writes_loadable_stages_and_a_report_naming_every_claim(
               overrides=STAGE_OVERRIDES)
     report = json.loads((workdir / "report.json").read_text())
     claim = next(c for c in report["claims"] if c["id"] == "decoder_init_and_data")
-    assert claim["verdict"] in (HOLDS, FAILS) and "random init" in claim["world"], claim
+    assert claim["verdict"] in (HOLDS, FAILS, *PARTLY) and "random init" in claim["world"], claim
     assert [r["model"] for r in report["ablation_models"]] == ["final_random_decoder"]
     random_final = TextToImage.from_pretrained(
         workdir / "ablations" / "final_random_decoder" / "model")
