@@ -16,7 +16,8 @@ them):
   distill   step distillation, the paper's direct schedule  WORKDIR/distill/direct_<N/4>/model
   final     the distilled UNet with the pruned decoder      WORKDIR/final/model
   eval      every model on the same prompts and seeds       WORKDIR/eval/eval.json
-  export    the final model to PyTorch and Core ML          WORKDIR/export/{torch,coreml}
+  export    the final model to PyTorch and Core ML (the manifest samples at the eval's best
+            guidance for it)                                 WORKDIR/export/{torch,coreml}
   ablations (only when asked: --stages ablations,report) the variants behind the paper's other
             claims, each scored like the chain's models   WORKDIR/ablations/<name>
   report    REPORT.md and report.json: the paper's claims, one row per model
@@ -219,6 +220,17 @@ def stage_eval(chain: Chain) -> dict:
     return {"eval": str(chain.model("eval"))}
 
 
+def best_guidance(chain: Chain) -> float | None:
+    """The final model's best-accuracy guidance of the chain's sweep (None before the eval)."""
+    from snapjax.eval.report import best
+    path = chain.model("eval")
+    if not path.is_file():
+        return None
+    row = best(json.loads(path.read_text())["models"], "final",
+               chain.config.distill_teacher_steps // 4)
+    return None if row is None else float(row["guidance"])
+
+
 def stage_export(chain: Chain) -> dict:
     """Through the ``snapjax export`` plugin (snapjax never imports export/)."""
     from snapjax.cli import main as cli_main
@@ -229,9 +241,12 @@ def stage_export(chain: Chain) -> dict:
         if not chain.config.export[target]:
             continue
         folder = out / target
+        args = ["export", target, "--checkpoint", str(chain.model("final")), "--out", str(folder)]
+        guidance = best_guidance(chain)
+        if target == "coreml" and guidance is not None:
+            args += ["--guidance", f"{guidance:g}"]   # the manifest's default: the eval's best
         if not folder.exists():
-            rc = cli_main(["export", target, "--checkpoint", str(chain.model("final")),
-                           "--out", str(folder)])
+            rc = cli_main(args)
             if rc:
                 raise RuntimeError(f"snapjax export {target} --checkpoint "
                                    f"{chain.model('final')} failed (exit {rc}); its error is above")
