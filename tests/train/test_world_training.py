@@ -152,7 +152,7 @@ def test_shortened_chain_writes_loadable_stages_and_a_report_naming_every_claim(
     random_final = TextToImage.from_pretrained(
         workdir / "ablations" / "final_random_decoder" / "model")
     assert random_final.vae.spec == final.vae.spec                  # same pruned architecture
-    assert sum(c["verdict"] == NOT_MEASURED for c in report["claims"]) == 6
+    assert sum(c["verdict"] == NOT_MEASURED for c in report["claims"]) == 7   # + latency
 
 
 def test_stages_subset_and_bad_inputs(tmp_path, capsys):
