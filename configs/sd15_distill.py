@@ -17,7 +17,9 @@
 #
 # Compile checks without SD-v1.5's weights (shapes from config.unet, config.student_unet,
 # config.text_encoder, config.schedule; 4 chips, so 64 microbatches keep the pod's 8 images per
-# chip per microbatch; on a 24-GiB host the compile was killed for memory, docs/distill.md):
+# chip per microbatch; on a 24-GiB host the compile was killed for memory, docs/distill.md.
+# On one v5p chip, --topology v5p:1x1x1 --chips-per-host 1,1,1 --config.opt.grad_accum_steps=256,
+# it compiles and needs 99.65 GiB of temporaries for 95.74 GiB of HBM: see docs/sd15_chain.md):
 # PYTHONPATH=/tmp/libtpu python launch/aot_check.py --config configs/sd15_distill.py \
 #     --topology v5p:2x2x1 --config.distill.teacher= \
 #     --config.opt.grad_accum_steps=64                                  # SD-v1.5 -> SD-v1.5

@@ -56,7 +56,8 @@ def plot_curves(results: Mapping[str, dict], kind: str, path: str | Path,
             ax.annotate(f"{g:g}", (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
-    ax.set_title(title or f"{ylabel} vs {xlabel} over guidance (labels: scale)")
+    # Two lines: the axis names are long enough to run off a one-line title.
+    ax.set_title(title or f"{ylabel}\nvs {xlabel} over guidance (labels: scale)", fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()

@@ -146,12 +146,16 @@ def stage_decoder(chain: Chain) -> dict:
                          overwrite=out.exists(),
                          source_info={"prompts": "world", "world_seed": seed,
                                       "pipeline": str(chain.model("teacher"))})
+    return _train(chain, "decoder", decoder_inputs(chain))
+
+
+def decoder_inputs(chain: Chain) -> list[str]:
+    """The decoder stage's flags for the chain's teacher and latents."""
     latents = chain.workdir / "latents"
-    return _train(chain, "decoder", [
-        f"--config.data.path={latents / 'train'}",
-        f"--config.decoder.teacher={chain.model('teacher')}",
-        f"--config.decoder.eval_latents={latents / 'heldout'}",
-        f"--config.decoder.eval_count={lat.heldout_count}"])
+    return [f"--config.data.path={latents / 'train'}",
+            f"--config.decoder.teacher={chain.model('teacher')}",
+            f"--config.decoder.eval_latents={latents / 'heldout'}",
+            f"--config.decoder.eval_count={chain.config.latents.heldout_count}"]
 
 
 def stage_distill(chain: Chain) -> dict:
@@ -196,13 +200,14 @@ def eval_settings(chain: Chain) -> dict[str, list]:
             "student": grid(few), "final": grid(few)}
 
 
-def stage_eval(chain: Chain) -> dict:
+def evaluate_folders(chain: Chain, folders: Mapping[str, pathlib.Path], settings: Mapping,
+                     out: pathlib.Path, *, latency: bool) -> dict:
+    """Score pipeline folders as the chain does (its prompts, seeds and DDIM grid) into
+    ``out/eval.json`` with its curves and grids; returns the results."""
     from snapjax.data.world import WorldSpec
     from snapjax.eval.evaluate import WorldTask, check_same_latents, evaluate, run_info
     from snapjax.eval.run import write_outputs
     from snapjax.pipeline import TextToImage
-    folders = eval_models(chain)
-    _require(chain, "teacher", "evolve", "distill", "final")
     ev = chain.config.eval
     pipes = {}
     for name, folder in folders.items():
@@ -211,12 +216,19 @@ def stage_eval(chain: Chain) -> dict:
         pipes[name] = pipe
     latent, _, factor = check_same_latents(pipes)
     task = WorldTask.build(WorldSpec(resolution=latent * factor), ev.num_prompts)
-    results, images = evaluate(pipes, task, eval_settings(chain), seeds=list(ev.seeds),
-                               batch_size=ev.batch_size, latency=ev.latency)
+    results, images = evaluate(pipes, task, settings, seeds=list(ev.seeds),
+                               batch_size=ev.batch_size, latency=latency)
     for name, folder in folders.items():
         results[name]["folder"] = str(folder)
     info = {**run_info(len(task.prompts), list(ev.seeds)), "spacing": ev.spacing}
-    write_outputs(chain.folder("eval"), results, images, info, "world")
+    write_outputs(out, results, images, info, "world")
+    return results
+
+
+def stage_eval(chain: Chain) -> dict:
+    _require(chain, "teacher", "evolve", "distill", "final")
+    evaluate_folders(chain, eval_models(chain), eval_settings(chain), chain.folder("eval"),
+                     latency=chain.config.eval.latency)
     return {"eval": str(chain.model("eval"))}
 
 

@@ -102,15 +102,11 @@ def build_guidance_conditioned(chain) -> dict:
 def build_decoder_init(chain) -> dict:
     from snapjax.pipeline import assemble_pipeline
     from snapjax.train.loop import train_and_evaluate
+    from snapjax.train.world import decoder_inputs
     folder = chain.workdir / "ablations" / "decoder_random"
     if not (folder / "model").exists():
-        latents = chain.workdir / "latents"
-        config = chain.stage_config("decoder", [
-            f"--config.data.path={latents / 'train'}",
-            f"--config.decoder.teacher={chain.model('teacher')}",
-            f"--config.decoder.eval_latents={latents / 'heldout'}",
-            f"--config.decoder.eval_count={chain.config.latents.heldout_count}",
-            "--config.decoder.init=random"])
+        config = chain.stage_config("decoder", [*decoder_inputs(chain),
+                                                "--config.decoder.init=random"])
         metrics = train_and_evaluate(config, folder)
         (folder / "metrics.json").write_text(json.dumps(
             {k: v for k, v in metrics.items() if k.startswith("eval/")}, indent=1))
@@ -194,37 +190,18 @@ def result_path(chain, name: str) -> pathlib.Path:
 
 def run_ablation(chain, name: str) -> dict:
     """Train and score one ablation (skipped if its result.json exists)."""
-    import dataclasses as dc
-
-    from snapjax.data.world import WorldSpec
-    from snapjax.eval.evaluate import Setting, WorldTask, check_same_latents, evaluate, run_info
-    from snapjax.eval.run import write_outputs
-    from snapjax.pipeline import TextToImage
+    from snapjax.eval.evaluate import Setting
+    from snapjax.train.world import evaluate_folders
     path = result_path(chain, name)
     if path.is_file():
         return json.loads(path.read_text())
     ablation = ABLATIONS[name]
     folders = ablation.build(chain)
-    ev = chain.config.eval
     out = {"ablation": name, "models": {k: str(v) for k, v in folders.items()}}
     if folders:
-        pipes = {}
-        for model, folder in folders.items():
-            pipe = TextToImage.from_pretrained(folder)
-            pipe.schedule = dc.replace(pipe.schedule, timestep_spacing=ev.spacing)
-            pipes[model] = pipe
-        latent, _, factor = check_same_latents(pipes)
-        task = WorldTask.build(WorldSpec(resolution=latent * factor), ev.num_prompts)
-        steps = ablation.steps(chain)
-        settings = {m: [Setting(s, float(w)) for s in steps[m] for w in ev.guidance]
-                    for m in pipes}
-        results, images = evaluate(pipes, task, settings, seeds=list(ev.seeds),
-                                   batch_size=ev.batch_size, latency=False)
-        for model, folder in folders.items():
-            results[model]["folder"] = str(folder)
-        write_outputs(path.parent, results, images,
-                      {**run_info(len(task.prompts), list(ev.seeds)), "spacing": ev.spacing},
-                      "world")
+        steps, sweep = ablation.steps(chain), chain.config.eval.guidance
+        settings = {m: [Setting(s, float(w)) for s in steps[m] for w in sweep] for m in folders}
+        evaluate_folders(chain, folders, settings, path.parent, latency=False)
         out["eval"] = str(path.parent / "eval.json")
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(out, indent=1) + "\n")
