@@ -56,13 +56,39 @@ def is_snapjax_model(folder: str | Path) -> bool:
     return (Path(folder) / MODEL_FILE).is_file()
 
 
+# Depth of replace_folder calls on this process: only the outermost one of a multi-process run
+# synchronises the processes (the nested ones run on process 0 alone, inside its write).
+_WRITING = [0]
+
+
 def replace_folder(folder: str | Path, write: Callable[[Path], None], *,
                    overwrite: bool = False) -> Path:
     """Run ``write(tmp)`` into a temporary sibling of ``folder``, then move it into place.
 
     Refuses an existing ``folder`` unless ``overwrite``. A failure (or Ctrl-C) part-way leaves
-    neither a half-written folder nor the temporary one behind.
+    neither a half-written folder nor the temporary one behind. In a multi-process run every
+    process calls it with the same ``folder`` (its contents already on the host: ``write``
+    must not run collectives); process 0 writes, and every process returns once it has.
     """
+    if jax.process_count() > 1 and _WRITING[0] == 0:
+        from jax.experimental import multihost_utils
+        if jax.process_index() == 0:
+            try:
+                _WRITING[0] += 1
+                _replace_folder(folder, write, overwrite)
+            finally:
+                _WRITING[0] -= 1
+        # If process 0 failed, it raises and the others time out here with the barrier's error.
+        multihost_utils.sync_global_devices(f"snapjax replace_folder {folder}")
+        return Path(folder).absolute()
+    _WRITING[0] += 1
+    try:
+        return _replace_folder(folder, write, overwrite)
+    finally:
+        _WRITING[0] -= 1
+
+
+def _replace_folder(folder: str | Path, write: Callable[[Path], None], overwrite: bool) -> Path:
     folder = Path(folder).absolute()
     if folder.exists() and not overwrite:
         raise FileExistsError(f"{folder} exists; pass --overwrite (overwrite=True) to replace it")
@@ -89,7 +115,11 @@ def save_model(folder: str | Path, kind: str, spec: Any, params: Any, *,
     def write(tmp: Path) -> None:
         (tmp / MODEL_FILE).write_text(json.dumps(
             {"kind": kind, "spec": json.loads(spec.to_json())}, indent=1))
-        checkpointer = ocp.StandardCheckpointer()
+        # In a multi-process run only process 0 gets here (replace_folder): Orbax must not
+        # wait for the others.
+        options = (ocp.options.MultiprocessingOptions(primary_host=0, active_processes={0})
+                   if jax.process_count() > 1 else ocp.options.MultiprocessingOptions())
+        checkpointer = ocp.StandardCheckpointer(multiprocessing_options=options)
         checkpointer.save(tmp / "params", jax.device_get(params))
         checkpointer.wait_until_finished()
 

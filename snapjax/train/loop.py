@@ -328,12 +328,9 @@ def _sample(state, frozen, objective, writer, step: int) -> dict[str, float]:
 def _finish(state, frozen, objective, writer, workdir, train, step, last_logged):
     out = dict(last_logged)
     out.update(_sample(state, frozen, objective, writer, step))
-    if train.export and jax.process_count() > 1:
-        # pretrained.save_model writes from one process with Orbax, whose barriers would wait
-        # for the others: export from the checkpoint in a single-process run instead.
-        log.warning("multi-process run: model export skipped; rerun this command on one "
-                    "process (it restores the last checkpoint and only exports)")
-    elif train.export:
+    if train.export:
+        # Every process: the export gathers the weights to each host (a collective), then
+        # pretrained.replace_folder lets process 0 write the folder while the others wait.
         objective.export(state, epath.Path(workdir) / "model")
     writer.flush()
     return out

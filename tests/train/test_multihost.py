@@ -4,7 +4,8 @@ The two processes find each other through ``jax.distributed.initialize`` on loca
 CPU collectives), each reads only its own half of every global batch, and together they must
 log the losses the single 8-device process logs (rtol 1e-5: the all-reduce crosses processes
 through gloo instead of staying in one, so float sums may associate differently). A
-checkpoint they write must restore in a single process on a differently shaped mesh.
+checkpoint they write must restore in a single process on a differently shaped mesh, and the
+run writes its model folder itself (process 0, while the other waits).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import subprocess
 
 import numpy as np
 import pytest
+from jax.tree_util import tree_leaves as jax_leaves
 
 from tests.train.conftest import (TINY_VAE, checkpoint_steps, free_port, losses, run_train,
                                   train_command, train_env)
@@ -50,7 +52,8 @@ def test_two_processes_match_one_and_their_checkpoint_restores(tmp_path, jax_cac
     run_train(one, *common, f"--config.train.steps={STEPS + 2}", env=train_env(jax_cache, 8))
     reference = losses(one)
 
-    errs = _two_process_run(two, jax_cache, *common, f"--config.train.steps={STEPS}")
+    errs = _two_process_run(two, jax_cache, *common, f"--config.train.steps={STEPS}",
+                            "--config.train.export=true")
     for pid, err in enumerate(errs):
         assert f"process {pid}/2 feeds 4 of the 8 rows of each global batch" in err, err[-3000:]
     got = losses(two)  # process 0 writes the metrics
@@ -58,6 +61,12 @@ def test_two_processes_match_one_and_their_checkpoint_restores(tmp_path, jax_cac
     np.testing.assert_allclose([got[s] for s in got], [reference[s] for s in got], rtol=1e-5)
     assert checkpoint_steps(two) == [3, 6]
     assert (two / "checkpoints" / "6" / "data" / "process_1-of-2.json").is_file()
+    # The model folder is written by the run itself (process 0; the other waits for it).
+    from snapjax import pretrained
+    module, params = pretrained.load_model(two / "model", expect_kind="vae")
+    assert module.spec.scaling_factor > 0
+    assert all(np.isfinite(leaf).all() for leaf in jax_leaves(params))
+    assert not list(two.glob(".model.tmp-*"))                      # no temporary left behind
 
     # One process, 8 devices, another mesh shape (data=8): restores step 6, carries on as the
     # single-process run did.
