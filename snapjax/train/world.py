@@ -158,16 +158,21 @@ def decoder_inputs(chain: Chain) -> list[str]:
             f"--config.decoder.eval_count={chain.config.latents.heldout_count}"]
 
 
-def stage_distill(chain: Chain) -> dict:
-    from snapjax.train.distill_chain import plan, run_chain
-    _require(chain, "teacher", "evolve")
+def run_distill(chain: Chain, workdir: pathlib.Path, stages, extra: Sequence[str] = ()) -> list:
+    """``snapjax distill``'s stages on the distill config with the chain's sizing, the user's
+    ``--distill.KEY=VALUE`` flags, then ``extra`` (an ablation's variant, which must win)."""
+    from snapjax.train.distill_chain import run_chain
     spec = f"{config_path(STAGE_CONFIGS['distill'])}:{chain.config.variant}"
+    return run_chain(spec, workdir, stages, [*chain.config.stage_overrides["distill"],
+                                             *chain.overrides.get("distill", ()), *extra])
+
+
+def stage_distill(chain: Chain) -> dict:
+    from snapjax.train.distill_chain import plan
+    _require(chain, "teacher", "evolve")
     stages = plan("direct", str(chain.model("teacher")), chain.config.distill_teacher_steps,
                   str(chain.model("evolve")))
-    records = run_chain(spec, chain.folder("distill"), stages,
-                        [*chain.config.stage_overrides["distill"],
-                         *chain.overrides.get("distill", ())])
-    return {"stages": records}
+    return {"stages": run_distill(chain, chain.folder("distill"), stages)}
 
 
 def stage_final(chain: Chain) -> dict:

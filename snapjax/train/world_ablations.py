@@ -46,13 +46,10 @@ class Ablation:
 
 def _distill_stage(chain, name: str, teacher: str, teacher_steps: int, student: str,
                    extra: list[str]) -> pathlib.Path:
-    from snapjax.train.distill_chain import Stage, run_chain
-    from snapjax.train.world import STAGE_CONFIGS, config_path
-    spec = f"{config_path(STAGE_CONFIGS['distill'])}:{chain.config.variant}"
+    from snapjax.train.distill_chain import Stage
+    from snapjax.train.world import run_distill
     workdir = chain.workdir / "ablations"
-    run_chain(spec, workdir, [Stage(name, teacher, teacher_steps, student)],
-              [*chain.config.stage_overrides["distill"], *chain.overrides.get("distill", ()),
-               *extra])
+    run_distill(chain, workdir, [Stage(name, teacher, teacher_steps, student)], extra)
     return workdir / name / "model"
 
 
@@ -65,13 +62,11 @@ def _distilled(chain, stage: str) -> str:
 
 
 def build_direct_vs_progressive(chain) -> dict:
-    from snapjax.train.distill_chain import plan, run_chain
-    from snapjax.train.world import STAGE_CONFIGS, config_path
-    spec = f"{config_path(STAGE_CONFIGS['distill'])}:{chain.config.variant}"
+    from snapjax.train.distill_chain import plan
+    from snapjax.train.world import run_distill
     # In the chain's distill folder, so its first stage is the chain's teacher_<N/2> (cached).
     stages = plan("progressive", str(chain.model("teacher")), chain.config.distill_teacher_steps)
-    run_chain(spec, chain.workdir / "distill", stages,
-              [*chain.config.stage_overrides["distill"], *chain.overrides.get("distill", ())])
+    run_distill(chain, chain.workdir / "distill", stages)
     return {"progressive": chain.workdir / "distill" / stages[-1].name / "model"}
 
 
