@@ -10,17 +10,20 @@ Accepted ``--checkpoint`` folders:
   folder: only that component is exported.
 
 Anything else (a training checkpoint, another pipeline class, another model kind) is refused
-with a message saying what was found and what is expected.
+with a message saying what was found and what is expected. Folders may be local or ``gs://``
+(:mod:`snapjax.storage`).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
-from pathlib import Path
+import os
 from typing import Any
 
-from snapjax import pretrained
+from etils import epath
+
+from snapjax import pretrained, storage
 from snapjax.diffusion.schedule import NoiseSchedule
 from snapjax.pipeline import PIPELINE_FILE, read_pipeline_file
 
@@ -35,14 +38,14 @@ class Component:
     kind: str          # "unet" | "vae" | "text_encoder" (snapjax model kinds)
     spec: Any
     params: Any        # the Flax param tree (a full VAE's for "vae")
-    source: Path
+    source: epath.Path
 
 
 @dataclasses.dataclass
 class ExportSource:
-    path: Path
+    path: epath.Path
     components: dict[str, Component]
-    tokenizer_dir: Path | None = None
+    tokenizer_dir: epath.Path | None = None
     schedule: NoiseSchedule | None = None
     sample_size: int | None = None          # latent side the pipeline samples at by default
     num_steps: int | None = None            # sampling defaults, where the pipeline records them
@@ -53,7 +56,7 @@ class ExportSource:
         return set(COMPONENT_FOLDERS) <= set(self.components) and self.tokenizer_dir is not None
 
 
-def _component_kind(folder: Path) -> str | None:
+def _component_kind(folder: epath.Path) -> str | None:
     """The kind a component folder holds, or None if it is no model folder we know."""
     if pretrained.is_snapjax_model(folder):
         kind, _ = pretrained.read_model_spec(folder)
@@ -74,7 +77,7 @@ def _component_kind(folder: Path) -> str | None:
     return None
 
 
-def _load_component(folder: Path, kind: str) -> Component:
+def _load_component(folder: epath.Path, kind: str) -> Component:
     found = _component_kind(folder)
     if found is None:
         raise FileNotFoundError(f"{folder}: not a model folder (no {pretrained.MODEL_FILE} and "
@@ -85,7 +88,7 @@ def _load_component(folder: Path, kind: str) -> Component:
     return Component(kind, module.spec, params, folder)
 
 
-def _describe_unknown(path: Path) -> str:
+def _describe_unknown(path: epath.Path) -> str:
     steps = [p for p in path.iterdir() if p.is_dir() and p.name.isdigit()] if path.is_dir() else []
     if steps and any((p / "state").is_dir() for p in steps):
         return (f"{path} is a training checkpoint (Orbax step folders); export a model or "
@@ -95,12 +98,14 @@ def _describe_unknown(path: Path) -> str:
             "diffusers/transformers config.json)")
 
 
-def load_source(path: str | Path, components: tuple[str, ...] | None = None) -> ExportSource:
+def load_source(path: str | os.PathLike,
+                components: tuple[str, ...] | None = None) -> ExportSource:
     """Read ``path`` (see module docstring); ``components`` restricts which are loaded."""
-    path = Path(path)
-    if not path.is_dir():
-        raise FileNotFoundError(f"{path}: no such folder (expected a snapjax pipeline or model "
-                                "folder)")
+    given, path = path, storage.path(path)
+    with storage.clear_errors(given, "read"):  # a missing bucket or no permission: one line
+        if not path.is_dir():
+            raise FileNotFoundError(f"{given}: no such folder (expected a snapjax pipeline or "
+                                    "model folder)")
     wanted = tuple(components or COMPONENT_FOLDERS)
     for kind in wanted:
         if kind not in COMPONENT_FOLDERS:
@@ -134,13 +139,15 @@ def load_source(path: str | Path, components: tuple[str, ...] | None = None) -> 
     return source
 
 
-def peek_unet_spec(path: str | Path):
+def peek_unet_spec(path: str | os.PathLike):
     """The UNet spec of a pipeline folder or UNet model folder from its metadata alone (no
     weights), for checks that should fail before a large checkpoint is read; None where there is
     none to read (:func:`load_source` then says what is wrong)."""
-    path = Path(path)
+    path = storage.path(path)
     for folder in (path / "unet", path):
-        if folder.is_dir():
+        with storage.clear_errors(folder, "read"):
+            found = folder.is_dir()
+        if found:
             try:
                 return pretrained.read_spec(folder, "unet")
             except (ValueError, KeyError, TypeError):
@@ -148,7 +155,7 @@ def peek_unet_spec(path: str | Path):
     return None
 
 
-def _read_sampling(path: Path, source: ExportSource) -> None:
+def _read_sampling(path: epath.Path, source: ExportSource) -> None:
     if (path / PIPELINE_FILE).is_file():
         meta = read_pipeline_file(path)
         source.schedule, source.sample_size = meta.schedule, meta.sample_size

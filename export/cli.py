@@ -10,7 +10,8 @@
 
 ``C`` is a pipeline folder (snapjax or diffusers) or a single model folder. ``latency-blocks``
 writes one Core ML package per distinct UNet block signature plus the fixed part, for a latency
-table timed on a Mac (export/coreml/time_blocks_macos.py).
+table timed on a Mac (export/coreml/time_blocks_macos.py). Every folder (``C``, ``DIR``, a
+``--spec`` folder) may be local or ``gs://bucket/...``.
 """
 
 from __future__ import annotations
@@ -62,7 +63,7 @@ def register(subparsers) -> None:
     b.add_argument("--resolution", type=int, default=512,
                    help="image side in pixels; the latent side is this over the VAE factor "
                         "(the pipeline's, else 8) (default 512)")
-    b.add_argument("--out", required=True, help="output folder (must not exist)")
+    b.add_argument("--out", required=True, help="output folder, local or gs:// (must not exist)")
     b.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     b.add_argument("--attention", choices=("original", "split_einsum"), default="split_einsum",
                    help="attention layout (default split_einsum, for the Neural Engine)")
@@ -73,8 +74,9 @@ def register(subparsers) -> None:
 
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint", required=True,
-                   help="pipeline folder (snapjax or diffusers) or a single model folder")
-    p.add_argument("--out", required=True, help="output folder (must not exist)")
+                   help="pipeline folder (snapjax or diffusers) or a single model folder "
+                        "(local or gs://)")
+    p.add_argument("--out", required=True, help="output folder, local or gs:// (must not exist)")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     p.add_argument("--components", default=None,
                    help="comma-separated subset of unet,vae,text_encoder (default: all present)")
@@ -87,15 +89,23 @@ def _log(message: str) -> None:
     print(f"[{time.monotonic() - _START:6.1f}s] {message}", file=sys.stderr, flush=True)
 
 
-def _source(args):
-    from pathlib import Path
+def _check_out(args) -> None:
+    """Refuse an existing --out, or a bucket that cannot be written, before loading anything:
+    refusing late would waste the whole conversion."""
+    from snapjax import storage
 
+    out = storage.path(args.out)
+    with storage.clear_errors(args.out, "read"):
+        exists = out.exists()
+    if exists and not args.overwrite:
+        raise FileExistsError(f"{args.out} exists; pass --overwrite to replace it")
+    storage.check_writable(args.out)
+
+
+def _source(args):
     from export.checkpoint import load_source
 
-    out = Path(args.out)
-    if out.exists() and not args.overwrite:
-        # Checked before loading anything: refusing late would waste the whole conversion.
-        raise FileExistsError(f"{out} exists; pass --overwrite to replace it")
+    _check_out(args)
     components = tuple(c.strip() for c in args.components.split(",")) if args.components else None
     _log(f"reading {args.checkpoint}")
     return load_source(args.checkpoint, components)
@@ -110,11 +120,12 @@ def _finish(rows: list[dict], out: str, extra: str = "") -> int:
 
 
 def _guard(fn):
-    """FileExistsError is no ValueError; report it like the CLI's other user errors."""
+    """FileExistsError and PermissionError (a bucket's) are no ValueError; report them like the
+    CLI's other user errors."""
     def run(args) -> int:
         try:
             return fn(args)
-        except FileExistsError as e:
+        except (FileExistsError, PermissionError) as e:
             print(f"snapjax export {args.target}: error: {e}", file=sys.stderr)
             return 2
     return run
@@ -155,13 +166,10 @@ def run_coreml(args) -> int:
 
 @_guard
 def run_latency_blocks(args) -> int:
-    from pathlib import Path
-
     from export.coreml.latency_blocks import export_latency_blocks, resolve_spec
     from snapjax.evolve.latency import latent_side_of
 
-    if Path(args.out).exists() and not args.overwrite:
-        raise FileExistsError(f"{args.out} exists; pass --overwrite to replace it")
+    _check_out(args)
     spec, vae_factor = resolve_spec(args.spec)
     side = latent_side_of(args.resolution, vae_factor)
     extra = {"context_length": args.context_length} if args.context_length else {}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 from pathlib import Path
 
 
@@ -21,9 +22,10 @@ class Row:
         return dataclasses.asdict(self)
 
 
-def folder_size(path: str | Path) -> int:
-    """Bytes on disk of a file or of every file under a folder."""
-    path = Path(path)
+def folder_size(path: str | os.PathLike) -> int:
+    """Bytes on disk of a file or of every file under a local folder (the exporters measure
+    their staging folder, before any upload)."""
+    path = Path(path)  # local: the staging folder of replace_folder (rglob walks local disks)
     if path.is_file():
         return path.stat().st_size
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())

@@ -8,30 +8,37 @@ and derive the two classic files from ``tokenizer.json``'s BPE model where they 
 from __future__ import annotations
 
 import json
-import shutil
-from pathlib import Path
+import os
+import tempfile
+
+from etils import epath
+
+from snapjax import storage
 
 VOCAB, MERGES, FAST = "vocab.json", "merges.txt", "tokenizer.json"
 _COPIED = (VOCAB, MERGES, FAST, "tokenizer_config.json", "special_tokens_map.json")
 
 
-def write_clip_tokenizer_files(source_dir: str | Path, out_dir: str | Path,
-                               *, only_vocab: bool = False) -> list[Path]:
-    """Copy the tokenizer of ``source_dir`` to ``out_dir``; returns the files written.
+def write_clip_tokenizer_files(source_dir: str | os.PathLike, out_dir: str | os.PathLike,
+                               *, only_vocab: bool = False) -> list[epath.Path]:
+    """Copy the tokenizer of ``source_dir`` to ``out_dir`` (either local or ``gs://``); returns
+    the files written.
 
     ``only_vocab``: write just vocab.json and merges.txt (what a Core ML folder needs).
     """
-    source_dir, out_dir = Path(source_dir), Path(out_dir)
-    if not source_dir.is_dir():
-        raise FileNotFoundError(f"{source_dir}: tokenizer folder not found")
+    source, out_dir = storage.path(source_dir), storage.path(out_dir)
+    with storage.clear_errors(source_dir, "read"):
+        if not source.is_dir():
+            raise FileNotFoundError(f"{source_dir}: tokenizer folder not found")
     out_dir.mkdir(parents=True, exist_ok=True)
     written = []
     for name in ((VOCAB, MERGES) if only_vocab else _COPIED):
-        if (source_dir / name).is_file():
-            shutil.copyfile(source_dir / name, out_dir / name)
+        if (source / name).is_file():
+            # Small files, read whole: a bucket's folder is no shutil path.
+            (out_dir / name).write_bytes((source / name).read_bytes())
             written.append(out_dir / name)
     if not ((out_dir / VOCAB).is_file() and (out_dir / MERGES).is_file()):
-        vocab, merges = _bpe_from_fast(source_dir)
+        vocab, merges = _bpe_from_fast(source)
         (out_dir / VOCAB).write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
         (out_dir / MERGES).write_text("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges),
                                       encoding="utf-8")
@@ -39,7 +46,19 @@ def write_clip_tokenizer_files(source_dir: str | Path, out_dir: str | Path,
     return written
 
 
-def _bpe_from_fast(source_dir: Path) -> tuple[dict[str, int], list[tuple[str, str]]]:
+def clip_tokenizer(folder: str | os.PathLike):
+    """The transformers ``CLIPTokenizer`` of a tokenizer folder; a bucket's folder is read
+    through a local copy of its tokenizer files alone (an export folder also holds packages)."""
+    from transformers import CLIPTokenizer
+
+    if not storage.is_remote(folder):
+        return CLIPTokenizer.from_pretrained(str(storage.path(folder)))
+    with tempfile.TemporaryDirectory() as tmp:
+        write_clip_tokenizer_files(folder, tmp)
+        return CLIPTokenizer.from_pretrained(tmp)
+
+
+def _bpe_from_fast(source_dir: epath.Path) -> tuple[dict[str, int], list[tuple[str, str]]]:
     path = source_dir / FAST
     if not path.is_file():
         raise FileNotFoundError(f"{source_dir}: a CLIP tokenizer folder needs {VOCAB} + {MERGES} "

@@ -10,17 +10,20 @@ Output folder::
 Per component: fp32 mirror, parity against snapjax, fp16 overflow check (a component that fails
 it is exported in fp32, with a warning), conversion, optional compression, optional chunking.
 Compile to ``.mlmodelc`` on a Mac (``xcrun coremlcompiler compile X.mlpackage Resources/``):
-the package names are the names the Swift pipeline looks for.
+the package names are the names the Swift pipeline looks for. ``out`` may be local or ``gs://``:
+the folder is written locally, then put into place (:func:`snapjax.pretrained.replace_folder`).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import shutil
 import warnings
 from collections.abc import Callable
-from pathlib import Path
+
+from etils import epath
 
 from export.checkpoint import ExportSource
 from export.coreml import compress as compression
@@ -31,6 +34,7 @@ from export.report import Row, folder_size
 from export.tokenizer_files import write_clip_tokenizer_files
 from export.torch.layers import ATTENTION_IMPLEMENTATIONS
 from export.torch.mirror import mirror_from_params
+from snapjax import storage
 from snapjax.pretrained import replace_folder
 from snapjax.diffusion.schedule import NoiseSchedule
 from snapjax.pipeline import DEFAULT_GUIDANCE_SCALE, DEFAULT_NUM_STEPS
@@ -105,13 +109,14 @@ def _resolve(source: ExportSource, opts: CoreMLOptions,
     return schedule, latent, context, steps, guidance, batch
 
 
-def export_coreml(source: ExportSource, out: str | Path, opts: CoreMLOptions = CoreMLOptions(),
-                  *, overwrite: bool = False, log: Callable[[str], None] = print) -> dict:
+def export_coreml(source: ExportSource, out: str | os.PathLike,
+                  opts: CoreMLOptions = CoreMLOptions(), *, overwrite: bool = False,
+                  log: Callable[[str], None] = print) -> dict:
     """Convert every component of ``source``; returns the manifest (also written to ``out``)."""
     schedule, latent, context, steps, guidance, batch = _resolve(source, opts, log)
     manifest: dict = {}
 
-    def write(tmp: Path) -> None:
+    def write(tmp: epath.Path) -> None:
         rows, models = [], {}
         order = [k for k in ("text_encoder", "unet", "vae") if k in source.components]
         for i, kind in enumerate(order, 1):
@@ -137,11 +142,11 @@ def export_coreml(source: ExportSource, out: str | Path, opts: CoreMLOptions = C
             guidance_embed_dim=unet.spec.guidance_embed_dim if unet else 0))
         (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=1))
 
-    replace_folder(Path(out), write, overwrite=overwrite)
+    replace_folder(out, write, overwrite=overwrite)
     return manifest
 
 
-def _export_component(kind: str, comp, tmp: Path, opts: CoreMLOptions, *,
+def _export_component(kind: str, comp, tmp: epath.Path, opts: CoreMLOptions, *,
                       schedule: NoiseSchedule, latent: int, context: int, batch: int,
                       log: Callable[[str], None]) -> tuple[Row, list[str]]:
     """Checks, conversion, compression and chunking of one component; (row, package names)."""
@@ -190,8 +195,9 @@ def _export_component(kind: str, comp, tmp: Path, opts: CoreMLOptions, *,
     return row, packages
 
 
-def chunk_unet(path: Path) -> list[str]:
-    """Split ``Unet.mlpackage`` into ``UnetChunk1/2.mlpackage`` (Apple's names), drop the whole."""
+def chunk_unet(path: epath.Path) -> list[str]:
+    """Split ``Unet.mlpackage`` into ``UnetChunk1/2.mlpackage`` (Apple's names), drop the whole;
+    ``path`` is in the local staging folder (coremltools writes local files)."""
     import coremltools as ct
 
     tmp = path.parent / ".chunks"
@@ -208,8 +214,10 @@ def chunk_unet(path: Path) -> list[str]:
     return names
 
 
-def package_io(path: str | Path) -> tuple[dict, dict]:
-    """{name: (shape, dtype)} of a saved package's inputs and outputs (reads the spec only)."""
+def package_io(path: str | os.PathLike) -> tuple[dict, dict]:
+    """{name: (shape, dtype)} of a saved package's inputs and outputs (reads the spec only; a
+    package in a bucket is copied locally first, as coremltools reads local files)."""
     import coremltools as ct
 
-    return read_io(ct.models.MLModel(str(path), skip_model_load=True).get_spec())
+    with storage.local_folder(path) as local:
+        return read_io(ct.models.MLModel(str(local), skip_model_load=True).get_spec())

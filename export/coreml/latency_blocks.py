@@ -27,12 +27,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import re
 from collections.abc import Callable
-from pathlib import Path
 
 import numpy as np
 import torch
+from etils import epath
 from torch import nn
 
 from export.coreml.convert import TensorIO, convert_module
@@ -41,6 +42,7 @@ from export.torch.unet import UNetMirror, block_module
 from snapjax.evolve.latency import skeleton
 from snapjax.evolve.signature import CONTEXT_LENGTH, block_side, block_signature
 from snapjax.models.unet_spec import PRESETS, Block, UNetSpec
+from snapjax import storage
 from snapjax.pretrained import replace_folder
 
 BLOCKS_FILE = "blocks.json"
@@ -86,7 +88,7 @@ def _slug(signature: str) -> str:
     return re.sub(r"[^A-Za-z0-9]+", "_", signature).strip("_")
 
 
-def _save(module: nn.Module, inputs: list[TensorIO], path: Path, precision: str,
+def _save(module: nn.Module, inputs: list[TensorIO], path: epath.Path, precision: str,
           metadata: dict[str, str], outputs: tuple[str, ...] = (OUTPUT_NAME,)) -> dict:
     gen = torch.Generator().manual_seed(0)
     examples = tuple(torch.randn(io.shape, generator=gen) for io in inputs)
@@ -114,11 +116,12 @@ def _block_packages(spec: UNetSpec, block: Block, side: int, context_length: int
     return packages
 
 
-def export_latency_blocks(spec: UNetSpec, latent_side: int, out: str | Path, *,
+def export_latency_blocks(spec: UNetSpec, latent_side: int, out: str | os.PathLike, *,
                           context_length: int = CONTEXT_LENGTH, attention: str = "split_einsum",
                           precision: str = "float16", overwrite: bool = False,
                           log: Callable[[str], None] = print) -> dict:
-    """Write the packages and ``blocks.json`` (returned) for ``spec`` at ``latent_side``."""
+    """Write the packages and ``blocks.json`` (returned) for ``spec`` at ``latent_side`` to
+    ``out`` (local or ``gs://``)."""
     if attention not in ATTENTION_IMPLEMENTATIONS:
         raise ValueError(f"attention={attention!r}: expected one of "
                          f"{', '.join(ATTENTION_IMPLEMENTATIONS)}")
@@ -131,7 +134,7 @@ def export_latency_blocks(spec: UNetSpec, latent_side: int, out: str | Path, *,
                   "attention": attention, "precision": precision,
                   "spec": json.loads(spec.to_json())}
 
-    def write(tmp: Path) -> None:
+    def write(tmp: epath.Path) -> None:  # local: coremltools saves local packages
         fixed_spec = skeleton(spec)
         log(f"fixed: the skeleton UNet at {latent_side}x{latent_side}")
         inputs = [TensorIO("sample", (1, spec.in_channels, latent_side, latent_side), dtype),
@@ -156,12 +159,13 @@ def export_latency_blocks(spec: UNetSpec, latent_side: int, out: str | Path, *,
             meta["blocks"].append(entry)
         (tmp / BLOCKS_FILE).write_text(json.dumps(meta, indent=1))
 
-    replace_folder(Path(out), write, overwrite=overwrite)
+    replace_folder(out, write, overwrite=overwrite)
     return meta
 
 
 def resolve_spec(name_or_folder: str) -> tuple[UNetSpec, int]:
-    """(UNet spec, VAE factor) of a preset name, a UNet model folder or a pipeline folder.
+    """(UNet spec, VAE factor) of a preset name, a UNet model folder or a pipeline folder (local
+    or ``gs://``).
 
     The VAE factor (image side / latent side) is the pipeline's VAE's where there is one, else
     SD-v1.5's.
@@ -171,8 +175,10 @@ def resolve_spec(name_or_folder: str) -> tuple[UNetSpec, int]:
 
     if name_or_folder in PRESETS:
         return PRESETS[name_or_folder], vae.SD15.downsample_factor
-    path = Path(name_or_folder)
-    if not path.is_dir():
+    path = storage.path(name_or_folder)
+    with storage.clear_errors(name_or_folder, "read"):
+        found = path.is_dir()
+    if not found:
         raise ValueError(f"--spec {name_or_folder!r} is neither a UNet preset "
                          f"({', '.join(sorted(PRESETS))}) nor a folder")
     if (path / "unet").is_dir():

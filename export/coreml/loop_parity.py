@@ -8,7 +8,8 @@ runs :func:`export.coreml.reference_app.generate` (the recipe an app follows, he
 ``snapjax export torch`` mirrors behind the Core ML packages' I/O) and
 :class:`snapjax.pipeline.TextToImage` on the same prompts and initial noise, at the manifest's
 steps and guidance, and prints one PSNR per image (inf: identical) and the minimum. Exit code 1
-if the minimum is under ``--min-psnr`` (default 40 dB).
+if the minimum is under ``--min-psnr`` (default 40 dB). The three folders may be local or
+``gs://``.
 """
 
 from __future__ import annotations
@@ -17,9 +18,10 @@ import argparse
 import json
 import math
 import sys
-from pathlib import Path
 
 import numpy as np
+
+from snapjax import storage
 
 
 def psnr(a: np.ndarray, b: np.ndarray) -> float:
@@ -34,8 +36,10 @@ def loop_parity(model: str, torch_dir: str, coreml_dir: str, prompts: list[str],
     from snapjax import sampling
     from snapjax.pipeline import TextToImage
 
-    manifest_path = Path(coreml_dir) / MANIFEST_FILE
-    if not manifest_path.is_file():
+    manifest_path = storage.path(coreml_dir) / MANIFEST_FILE
+    with storage.clear_errors(coreml_dir, "read"):
+        found = manifest_path.is_file()
+    if not found:
         raise FileNotFoundError(f"{manifest_path}: no manifest (run snapjax export coreml first)")
     manifest = json.loads(manifest_path.read_text())
     pipe = TextToImage.from_pretrained(model)
@@ -52,8 +56,8 @@ def loop_parity(model: str, torch_dir: str, coreml_dir: str, prompts: list[str],
             noise = np.asarray(sampling.initial_noise(seed, 1, (pipe.sample_size,) * 2,
                                                       pipe.unet.spec.in_channels))
             ours = pipe([prompt], num_steps=steps, guidance_scale=w, latents=noise)[0]
-            cond = tokenize(Path(coreml_dir), prompt, length)
-            uncond = tokenize(Path(coreml_dir), "", length)
+            cond = tokenize(coreml_dir, prompt, length)
+            uncond = tokenize(coreml_dir, "", length)
             theirs = generate(predict, manifest, cond, uncond, noise.transpose(0, 3, 1, 2))
             rows.append({"prompt": prompt, "seed": seed, "psnr": psnr(ours, theirs)})
     return rows

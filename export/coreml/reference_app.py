@@ -9,10 +9,12 @@ recipe an app follows, and running it against Core ML checks the packages.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
-from pathlib import Path
 
 import numpy as np
+
+from snapjax import storage
 
 Predict = Callable[[dict], dict]
 SWIFT_LATENT_SCALE = 0.18215
@@ -110,15 +112,16 @@ def generate(predict: dict[str, Predict], manifest: dict, ids_cond: np.ndarray,
     return np.round(image.transpose(1, 2, 0) * 255).astype(np.uint8)
 
 
-def mirror_predictors(mirrors_dir: str | Path, manifest: dict) -> dict[str, Predict]:
-    """PyTorch (fp32) callables with the packages' I/O, from a ``snapjax export torch`` folder."""
+def mirror_predictors(mirrors_dir: str | os.PathLike, manifest: dict) -> dict[str, Predict]:
+    """PyTorch (fp32) callables with the packages' I/O, from a ``snapjax export torch`` folder
+    (local or ``gs://``)."""
     import torch
 
     from export.coreml.wrappers import TextEncoderWrapper, UnetWrapper, VAEDecoderWrapper
     from export.torch.mirror import load_mirror
 
     schedule = schedule_from_manifest(manifest)
-    mirrors_dir = Path(mirrors_dir)
+    mirrors_dir = storage.path(mirrors_dir)
 
     def runner(wrapper, names):
         def predict(inputs: dict) -> dict:
@@ -157,10 +160,10 @@ def schedule_from_manifest(manifest: dict):
         clip_sample_range=s.get("clip_sample_range", 1.0))
 
 
-def tokenize(tokenizer_dir: str | Path, prompt: str, length: int) -> np.ndarray:
+def tokenize(tokenizer_dir: str | os.PathLike, prompt: str, length: int) -> np.ndarray:
     """(1, length) ids, padded as Stable Diffusion pads (the tokenizer's pad token)."""
-    from transformers import CLIPTokenizer
+    from export.tokenizer_files import clip_tokenizer
 
-    tok = CLIPTokenizer.from_pretrained(str(tokenizer_dir))
+    tok = clip_tokenizer(tokenizer_dir)
     ids = tok([prompt], padding="max_length", max_length=length, truncation=True).input_ids
     return np.asarray(ids, np.int64)

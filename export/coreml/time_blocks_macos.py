@@ -11,25 +11,29 @@ package's (the shortcut stays in the fixed part when the block is removed), clam
   {"format": "snapjax-latency-v1", "unit": "ms", "device": "...", "latent_side": 64,
    "blocks": {"res:320->320@64x64": 1.9, "attn:320@64x64:...": 7.5, ...}, "fixed": 3.2}
 
-Core ML prediction needs macOS; elsewhere this script says so and exits with 2.
+Core ML prediction needs macOS; elsewhere this script says so and exits with 2. ``--blocks`` and
+``--out`` may be local or ``gs://`` (a bucket's packages are copied locally to be timed).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import numpy as np
+from etils import epath
+
+from snapjax import storage
 
 FORMAT = "snapjax-latency-v1"
 
 Predictor = Callable[[dict[str, np.ndarray]], Any]
-Loader = Callable[[Path], Predictor]  # package path -> predict(inputs)
+Loader = Callable[[epath.Path], Predictor]  # local package path -> predict(inputs)
 
 
 def median_ms(predict: Predictor, inputs: dict[str, np.ndarray], *, warmup: int, repeats: int,
@@ -47,18 +51,26 @@ def median_ms(predict: Predictor, inputs: dict[str, np.ndarray], *, warmup: int,
     return 1000.0 * float(np.median(times))
 
 
-def latency_table(folder: str | Path, load: Loader, *, device: str, warmup: int = 5,
+def latency_table(folder: str | os.PathLike, load: Loader, *, device: str, warmup: int = 5,
                   repeats: int = 50, clock: Callable[[], float] = time.perf_counter,
                   log: Callable[[str], None] = print) -> dict:
     """The latency table of the packages in ``folder`` (see the module docstring)."""
     from export.coreml.latency_blocks import BLOCKS_FILE
     from export.coreml.latency_blocks import FORMAT as BLOCKS_FORMAT
 
-    folder = Path(folder)
-    meta = json.loads((folder / BLOCKS_FILE).read_text())
+    blocks_file = storage.path(folder) / BLOCKS_FILE
+    with storage.clear_errors(folder, "read"):
+        meta = json.loads(blocks_file.read_text())
     if meta.get("format") != BLOCKS_FORMAT:
-        raise ValueError(f"{folder / BLOCKS_FILE}: format {meta.get('format')!r}, expected "
+        raise ValueError(f"{blocks_file}: format {meta.get('format')!r}, expected "
                          f"{BLOCKS_FORMAT!r} (written by snapjax export latency-blocks)")
+    with storage.local_folder(folder) as local:  # Core ML loads local packages only
+        return _time_packages(meta, local, load, device=device, warmup=warmup, repeats=repeats,
+                              clock=clock, log=log)
+
+
+def _time_packages(meta: dict, folder: epath.Path, load: Loader, *, device: str, warmup: int,
+                   repeats: int, clock: Callable[[], float], log: Callable[[str], None]) -> dict:
     rng = np.random.default_rng(0)
 
     def time_package(package: dict) -> float:
@@ -79,10 +91,12 @@ def latency_table(folder: str | Path, load: Loader, *, device: str, warmup: int 
             "blocks": blocks, "fixed": time_package(meta["fixed"])}
 
 
-def write_latency_table(folder: str | Path, out: str | Path, load: Loader, **kwargs) -> dict:
-    """:func:`latency_table`, written to ``out`` as JSON."""
+def write_latency_table(folder: str | os.PathLike, out: str | os.PathLike, load: Loader,
+                        **kwargs) -> dict:
+    """:func:`latency_table`, written to ``out`` (a local or ``gs://`` file) as JSON."""
     table = latency_table(folder, load, **kwargs)
-    Path(out).write_text(json.dumps(table, indent=1))
+    with storage.clear_errors(out, "write"):
+        storage.path(out).write_text(json.dumps(table, indent=1))
     return table
 
 
@@ -91,7 +105,7 @@ def coreml_loader(compute_units: str) -> Loader:
 
     units = ct.ComputeUnit[compute_units]
 
-    def load(path: Path) -> Predictor:
+    def load(path: epath.Path) -> Predictor:
         return ct.models.MLModel(str(path), compute_units=units).predict
 
     return load
@@ -105,9 +119,10 @@ def default_device(compute_units: str) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--blocks", required=True, type=Path,
-                        help="snapjax export latency-blocks output")
-    parser.add_argument("--out", required=True, type=Path, help="latency table to write (JSON)")
+    parser.add_argument("--blocks", required=True,
+                        help="snapjax export latency-blocks output (local or gs://)")
+    parser.add_argument("--out", required=True,
+                        help="latency table to write (JSON; local or gs://)")
     parser.add_argument("--device", default=None,
                         help="device name for the table (default: machine, macOS version, "
                              "compute units)")

@@ -9,17 +9,21 @@ and max relative error of Core ML against the mirror on the same inputs (Apple's
 for at least 35 dB). With a full pipeline it also samples the manifest's schedule end to end
 (Core ML TextEncoder -> Unet steps -> VAEDecoder vs the same loop on the mirrors) and writes both
 images. Core ML prediction needs macOS; on Linux this script explains so and exits with 2 (the
-Linux test suite checks conversion and the package specs instead).
+Linux test suite checks conversion and the package specs instead). Both folders may be local or
+``gs://`` (a bucket's Core ML folder is copied locally to be run; the images are written back).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
-from pathlib import Path
 
 import numpy as np
+from etils import epath
+
+from snapjax import storage
 
 MIN_PSNR_DB = 35.0  # Apple's converter's threshold for fp16 models (torch2coreml.py)
 SWIFT_LATENT_SCALE = 0.18215
@@ -32,8 +36,9 @@ def psnr(a: np.ndarray, ref: np.ndarray) -> float:
     return float(20 * np.log10((np.abs(ref).max() + 1e-5) / (rms + 1e-10)))
 
 
-def coreml_predictors(coreml_dir: Path, manifest: dict, compute_units: str) -> dict:
-    """Core ML callables with the same contract as reference_app.mirror_predictors."""
+def coreml_predictors(coreml_dir: epath.Path, manifest: dict, compute_units: str) -> dict:
+    """Core ML callables with the same contract as reference_app.mirror_predictors; ``coreml_dir``
+    is local (Core ML loads local packages only)."""
     import coremltools as ct
 
     units = ct.ComputeUnit[compute_units]
@@ -77,14 +82,21 @@ def example_inputs(io: dict, manifest: dict, rng) -> dict:
     return {k: v.astype(np.float32) for k, v in inputs.items()}
 
 
-def verify(coreml_dir: Path, mirrors_dir: Path, compute_units: str = "ALL",
-           prompt: str = "a red circle") -> list[dict]:
+def verify(coreml_dir: str | os.PathLike, mirrors_dir: str | os.PathLike,
+           compute_units: str = "ALL", prompt: str = "a red circle") -> list[dict]:
+    with storage.local_folder(coreml_dir) as local:
+        return _verify(local, storage.path(coreml_dir), storage.path(mirrors_dir), compute_units,
+                       prompt)
+
+
+def _verify(local: epath.Path, coreml_dir: epath.Path, mirrors_dir: epath.Path,
+            compute_units: str, prompt: str) -> list[dict]:
     from export.coreml.export import package_io
     from export.coreml.manifest import MANIFEST_FILE
     from export.coreml.reference_app import generate, mirror_predictors, tokenize
 
-    manifest = json.loads((coreml_dir / MANIFEST_FILE).read_text())
-    ours = coreml_predictors(coreml_dir, manifest, compute_units)
+    manifest = json.loads((local / MANIFEST_FILE).read_text())
+    ours = coreml_predictors(local, manifest, compute_units)
     ref = mirror_predictors(mirrors_dir, manifest)
     rng = np.random.default_rng(0)
     results = []
@@ -92,7 +104,7 @@ def verify(coreml_dir: Path, mirrors_dir: Path, compute_units: str = "ALL",
         if name not in ref:
             raise FileNotFoundError(f"{mirrors_dir}: no mirror for {name}; export the same "
                                     "checkpoint with `snapjax export torch` first")
-        io, _ = package_io(coreml_dir / manifest["models"][name][0])
+        io, _ = package_io(local / manifest["models"][name][0])
         inputs = example_inputs(io, manifest, rng)
         got, want = ours[name](inputs), ref[name](inputs)
         for key, value in want.items():
@@ -106,8 +118,9 @@ def verify(coreml_dir: Path, mirrors_dir: Path, compute_units: str = "ALL",
         image = generate(ours, manifest, ids, empty, noise)
         reference = generate(ref, manifest, ids, empty, noise)
         from PIL import Image
-        Image.fromarray(image).save(coreml_dir / "verify_coreml.png")
-        Image.fromarray(reference).save(coreml_dir / "verify_mirror.png")
+        for file, pixels in (("verify_coreml.png", image), ("verify_mirror.png", reference)):
+            with (coreml_dir / file).open("wb") as f:  # next to the packages, also in a bucket
+                Image.fromarray(pixels).save(f, format="PNG")
         results.append(_compare("pipeline", f"image ({len(manifest['schedule']['timesteps'])} "
                                 "steps)", image, reference))
     return results
@@ -121,8 +134,10 @@ def _compare(name: str, key: str, got, want) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--coreml", required=True, type=Path, help="snapjax export coreml output")
-    parser.add_argument("--mirrors", required=True, type=Path, help="snapjax export torch output")
+    parser.add_argument("--coreml", required=True,
+                        help="snapjax export coreml output (local or gs://)")
+    parser.add_argument("--mirrors", required=True,
+                        help="snapjax export torch output (local or gs://)")
     parser.add_argument("--compute-units", default="ALL",
                         choices=("ALL", "CPU_ONLY", "CPU_AND_GPU", "CPU_AND_NE"))
     args = parser.parse_args(argv)

@@ -14,14 +14,16 @@ step, which is what snapjax's sampler does with such a UNet.
 
 from __future__ import annotations
 
-from pathlib import Path
+import os
 from typing import Any
 
 import torch
+from etils import epath
 
 from export.checkpoint import ExportSource
-from export.tokenizer_files import write_clip_tokenizer_files
+from export.tokenizer_files import clip_tokenizer, write_clip_tokenizer_files
 from export.torch.mirror import export_state_dict
+from snapjax import pretrained
 from snapjax.convert.mapping import state_dict_from_params
 from snapjax.diffusion.schedule import NoiseSchedule
 
@@ -141,7 +143,7 @@ def _clip_text_model(config, state_dict: dict):
 
     with tempfile.TemporaryDirectory() as tmp:
         config.save_pretrained(tmp)
-        save_file(state_dict, str(Path(tmp) / "model.safetensors"))
+        save_file(state_dict, os.path.join(tmp, "model.safetensors"))
         model, info = CLIPTextModel.from_pretrained(tmp, output_loading_info=True)
     if info["missing_keys"] or info["unexpected_keys"] or info["mismatched_keys"]:
         raise ValueError(f"text encoder: the exported names do not match CLIPTextModel: {info}")
@@ -153,7 +155,7 @@ def build_diffusers_pipeline(source: ExportSource, schedule: NoiseSchedule,
     """The torch ``StableDiffusionPipeline`` holding the source's weights (fp32)."""
     from diffusers import (AutoencoderKL, DDIMScheduler, StableDiffusionPipeline,
                            UNet2DConditionModel)
-    from transformers import CLIPTextConfig, CLIPTokenizer
+    from transformers import CLIPTextConfig
 
     from snapjax.convert.unet import diffusers_config_from_spec
     from snapjax.convert.vae import vae_module_map
@@ -171,7 +173,7 @@ def build_diffusers_pipeline(source: ExportSource, schedule: NoiseSchedule,
     _load_strict(vae, state_dict_from_params(vae_c.params, vae_module_map(vae_c.spec),
                                              where="vae params"), "VAE")
 
-    tokenizer = CLIPTokenizer.from_pretrained(str(source.tokenizer_dir))
+    tokenizer = clip_tokenizer(source.tokenizer_dir)
     text_encoder = _clip_text_model(CLIPTextConfig(**text_encoder_config(text_c.spec, tokenizer)),
                                     export_state_dict("text_encoder", text_c.spec, text_c.params))
 
@@ -181,18 +183,22 @@ def build_diffusers_pipeline(source: ExportSource, schedule: NoiseSchedule,
                                    feature_extractor=None, requires_safety_checker=False)
 
 
-def write_diffusers_pipeline(folder: str | Path, source: ExportSource, schedule: NoiseSchedule,
-                             sample_size: int | None = None) -> Path:
-    """Save the pipeline of :func:`build_diffusers_pipeline` to ``folder`` (safetensors)."""
+def write_diffusers_pipeline(folder: str | os.PathLike, source: ExportSource,
+                             schedule: NoiseSchedule, sample_size: int | None = None) -> epath.Path:
+    """Save the pipeline of :func:`build_diffusers_pipeline` to ``folder`` (safetensors; a new
+    folder, local or ``gs://``)."""
     from safetensors.numpy import save_file
 
     pipe = build_diffusers_pipeline(source, schedule, sample_size)
-    pipe.save_pretrained(str(folder), safe_serialization=True)
-    # Keep the text encoder under the classic text_model.* names SD-v1.5 checkpoints use, which
-    # every transformers version loads (transformers 5 would save them without the prefix).
     text_c = source.components["text_encoder"]
-    weights = Path(folder) / "text_encoder" / "model.safetensors"
-    save_file(export_state_dict("text_encoder", text_c.spec, text_c.params), str(weights),
-              metadata={"format": "pt"})
-    write_clip_tokenizer_files(source.tokenizer_dir, Path(folder) / "tokenizer", only_vocab=True)
-    return Path(folder)
+
+    def write(tmp: epath.Path) -> None:  # tmp is local: save_pretrained writes local files
+        pipe.save_pretrained(str(tmp), safe_serialization=True)
+        # Keep the text encoder under the classic text_model.* names SD-v1.5 checkpoints use,
+        # which every transformers version loads (transformers 5 would save them without the
+        # prefix).
+        save_file(export_state_dict("text_encoder", text_c.spec, text_c.params),
+                  str(tmp / "text_encoder" / "model.safetensors"), metadata={"format": "pt"})
+        write_clip_tokenizer_files(source.tokenizer_dir, tmp / "tokenizer", only_vocab=True)
+
+    return pretrained.replace_folder(folder, write)

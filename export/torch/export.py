@@ -7,13 +7,18 @@ Output folder::
   scheduler/scheduler_config.json    DDIMScheduler config of the snapjax schedule
   diffusers/                         StableDiffusionPipeline folder (only where everything fits)
   export_report.json                 the summary table and why diffusers/ is absent, if it is
+
+``out`` may be local or ``gs://``: the folder is written locally, then put into place
+(:func:`snapjax.pretrained.replace_folder`).
 """
 
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Callable
-from pathlib import Path
+
+from etils import epath
 
 from export.checkpoint import ExportSource
 from export.parity import parity_error
@@ -26,14 +31,14 @@ from snapjax.pretrained import replace_folder
 MIRROR_KIND = {"unet": "unet", "vae": "vae_decoder", "text_encoder": "text_encoder"}
 
 
-def export_torch(source: ExportSource, out: str | Path, *, overwrite: bool = False,
+def export_torch(source: ExportSource, out: str | os.PathLike, *, overwrite: bool = False,
                  diffusers: bool = True, log: Callable[[str], None] = print) -> dict:
     """Write the torch export of ``source`` to ``out``; returns the report (also saved as JSON)."""
     from export.torch.diffusers_folder import diffusers_misfits, write_diffusers_pipeline
 
     report: dict = {"source": str(source.path), "components": [], "diffusers": None}
 
-    def write(tmp: Path) -> None:
+    def write(tmp: epath.Path) -> None:
         rows = []
         for i, (kind, comp) in enumerate(source.components.items(), 1):
             mkind = MIRROR_KIND[kind]
@@ -60,5 +65,5 @@ def export_torch(source: ExportSource, out: str | Path, *, overwrite: bool = Fal
         report["components"] = [r.as_dict() for r in rows]
         (tmp / "export_report.json").write_text(json.dumps(report, indent=1))
 
-    replace_folder(Path(out), write, overwrite=overwrite)
+    replace_folder(out, write, overwrite=overwrite)
     return report

@@ -13,15 +13,17 @@ A mirror folder holds ``snapjax_mirror.json`` (component kind and snapjax spec) 
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
-from snapjax import pretrained
+from etils import epath
+
+from snapjax import pretrained, storage
 from snapjax.convert.mapping import state_dict_from_params
 from snapjax.convert.state_dict import WeightsError
 
@@ -120,28 +122,33 @@ def mirror_from_params(kind: str, spec: Any, params: Mapping, *,
                             where=f"{kind} params")
 
 
-def save_mirror(folder: str | Path, kind: str, spec: Any, params: Mapping) -> Path:
-    """Write ``snapjax_mirror.json`` + ``model.safetensors`` (shared names) to a new folder."""
+def save_mirror(folder: str | os.PathLike, kind: str, spec: Any, params: Mapping) -> epath.Path:
+    """Write ``snapjax_mirror.json`` + ``model.safetensors`` (shared names) to a new folder
+    (local or ``gs://``; refuses an existing one)."""
     from safetensors.numpy import save_file
 
-    folder = Path(folder)
     state_dict = export_state_dict(kind, spec, params)
-    folder.mkdir(parents=True, exist_ok=False)
-    (folder / MIRROR_FILE).write_text(json.dumps(
-        {"kind": kind, "spec": json.loads(spec.to_json()),
-         "weight_names": "diffusers" if kind != "text_encoder" else "transformers"}, indent=1))
-    save_file(state_dict, str(folder / WEIGHTS_FILE))
-    return folder
+
+    def write(tmp: epath.Path) -> None:  # tmp is local: safetensors writes local files
+        (tmp / MIRROR_FILE).write_text(json.dumps(
+            {"kind": kind, "spec": json.loads(spec.to_json()),
+             "weight_names": "diffusers" if kind != "text_encoder" else "transformers"},
+            indent=1))
+        save_file(state_dict, str(tmp / WEIGHTS_FILE))
+
+    return pretrained.replace_folder(folder, write)
 
 
-def load_mirror(folder: str | Path, *, attention: str = "original") -> nn.Module:
-    """A mirror from a folder written by :func:`save_mirror`; ``.spec`` and ``.kind`` are set."""
+def load_mirror(folder: str | os.PathLike, *, attention: str = "original") -> nn.Module:
+    """A mirror from a folder written by :func:`save_mirror` (local or ``gs://``); ``.spec`` and
+    ``.kind`` are set."""
     from safetensors.numpy import load_file
 
-    folder = Path(folder)
+    given, folder = folder, storage.path(folder)
     meta_path = folder / MIRROR_FILE
-    if not meta_path.is_file():
-        raise FileNotFoundError(f"{folder}: not a mirror folder (no {MIRROR_FILE})")
+    with storage.clear_errors(given, "read"):
+        if not meta_path.is_file():
+            raise FileNotFoundError(f"{given}: not a mirror folder (no {MIRROR_FILE})")
     try:
         meta = json.loads(meta_path.read_text())
         kind = meta["kind"]
@@ -149,8 +156,9 @@ def load_mirror(folder: str | Path, *, attention: str = "original") -> nn.Module
     except (json.JSONDecodeError, KeyError, TypeError) as e:
         raise ValueError(f"{meta_path}: malformed mirror file ({e})") from e
     mirror = build_mirror(kind, spec, attention=attention)
-    load_into_mirror(mirror, kind, spec, load_file(str(folder / WEIGHTS_FILE)),
-                     where=str(folder / WEIGHTS_FILE))
+    with storage.local_folder(folder) as local:  # safetensors reads local files only
+        weights = load_file(str(local / WEIGHTS_FILE))
+    load_into_mirror(mirror, kind, spec, weights, where=str(folder / WEIGHTS_FILE))
     mirror.kind = kind
     return mirror
 
