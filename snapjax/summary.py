@@ -9,13 +9,13 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-from pathlib import Path
+import os
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 
-from snapjax import pretrained
+from snapjax import pretrained, storage
 from snapjax.flops import matmul_flops
 
 
@@ -92,9 +92,10 @@ def preset_components(name: str) -> dict[str, tuple[str, Any]]:
             "text_encoder": ("text_encoder", text_encoder.preset(name))}
 
 
-def folder_components(path: str | Path) -> dict[str, tuple[str, Any]]:
-    """Specs of a pipeline root (its unet/, vae/, text_encoder/) or of one model folder."""
-    path = Path(path)
+def folder_components(path: str | os.PathLike) -> dict[str, tuple[str, Any]]:
+    """Specs of a pipeline root (its unet/, vae/, text_encoder/) or of one model folder, local
+    or ``gs://``."""
+    path = storage.path(path)
     if not path.is_dir():
         raise FileNotFoundError(f"{path}: not a folder")
     found = {}

@@ -31,6 +31,7 @@ class WeightsError(ValueError):
 
 def read_config_json(folder: Path) -> dict:
     """``folder/config.json`` as a dict; a missing or malformed file is an error naming it."""
+    # local: pretrained.load_component copies a bucket's folder first
     path = Path(folder) / "config.json"
     if not path.is_file():
         raise WeightsError(f"{folder}: missing config.json")
@@ -44,7 +45,7 @@ def read_config_json(folder: Path) -> dict:
 
 
 def find_weights_file(folder: Path) -> Path:
-    folder = Path(folder)
+    folder = Path(folder)  # local: pretrained.load_component copies a bucket's folder first
     for name in WEIGHT_FILES:
         if (folder / name).is_file():
             return folder / name
@@ -56,7 +57,7 @@ def find_weights_file(folder: Path) -> Path:
 
 def load_state_dict(folder_or_file: str | Path) -> dict[str, np.ndarray]:
     """Tensor name -> numpy array (fp32 for floating point) from a model folder or weights file."""
-    path = Path(folder_or_file)
+    path = Path(folder_or_file)  # local: pretrained.load_component copies a bucket's folder first
     if path.is_dir():
         path = find_weights_file(path)
     if path.name.endswith(".index.json"):

@@ -101,7 +101,7 @@ def _canonical(state_dict: dict[str, np.ndarray], where: str) -> dict[str, np.nd
 def load_text_encoder(path: str | Path) -> tuple[TextEncoder, dict]:
     """``(TextEncoder module, params)`` from a transformers CLIPTextModel folder. Strict: every tensor
     used, every parameter filled, shapes checked; errors name the file, key or tensor."""
-    folder = Path(path)
+    folder = Path(path)  # local: pretrained.load_component copies a bucket's folder first
     if not folder.is_dir():
         raise WeightsError(f"{folder}: not a folder (expected a transformers CLIPTextModel folder "
                            "with config.json and weights)")

@@ -288,7 +288,7 @@ def load_unet(path: str | Path, *, dtype: Any = jnp.float32) -> tuple[UNet, dict
     Strict: every tensor is used once and every parameter filled, or WeightsError names the
     tensor. ``dtype`` is the module's compute dtype.
     """
-    folder = Path(path)
+    folder = Path(path)  # local: pretrained.load_component copies a bucket's folder first
     if not folder.exists():
         raise FileNotFoundError(f"{folder}: no such folder (expected a diffusers unet folder "
                                 "with config.json and weights)")

@@ -114,7 +114,7 @@ def vae_module_map(spec: VAESpec) -> dict[str, str]:
 
 
 def _read_folder(path: str | Path) -> tuple[Path, dict]:
-    folder = Path(path)
+    folder = Path(path)  # local: pretrained.load_component copies a bucket's folder first
     if not folder.is_dir():
         raise WeightsError(f"{folder}: not a folder (expected a diffusers AutoencoderKL folder "
                            "with config.json and weights)")

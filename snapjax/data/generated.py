@@ -15,7 +15,8 @@ posterior). ``index.json`` records ``"latents": "generated"`` and how they were 
 Latent i uses prompt ``i mod len(prompts)``, noise from ``(seed, i)``
 (:func:`snapjax.sampling.initial_noise`) and a guidance scale from ``(seed, i)``, so a record
 does not depend on the batch size, and the teacher's ``snapjax sample --seed S`` of the same
-prompt at the same scale reproduces it. Output is atomic, like ``snapjax prepare``.
+prompt at the same scale reproduces it. Output is atomic, like ``snapjax prepare``, and ``--out``
+may be a ``gs://`` folder (:func:`snapjax.storage.write_folder`, ``index.json`` uploaded last).
 
 Legend: B batch, h w latent height/width, C latent channels, L tokens, D text width.
 """
@@ -27,12 +28,12 @@ import dataclasses
 import datetime
 import json
 import logging
-import pathlib
-import shutil
+import os
 from collections.abc import Sequence
 
 import numpy as np
 
+from snapjax import storage
 from snapjax.cli import UserError
 from snapjax.data import prepare as prepare_lib
 from snapjax.data import sources
@@ -44,9 +45,9 @@ DEFAULT_GUIDANCE_RANGE = (2.0, 10.0)
 _GUIDANCE_STREAM = 1
 
 
-def read_prompts(path: str | pathlib.Path) -> list[str]:
+def read_prompts(path: str | os.PathLike) -> list[str]:
     """One prompt per line of a UTF-8 text file (blank lines skipped); errors name the file."""
-    path = pathlib.Path(path)
+    path = storage.path(path)
     if not path.is_file():
         raise FileNotFoundError(f"prompts file {path} does not exist or is not a file")
     data = path.read_bytes()
@@ -88,7 +89,7 @@ def _check_range(guidance_range: Sequence[float]) -> tuple[float, float]:
     return lo, hi
 
 
-def generate_latents(pipe, prompts: Sequence[str], out: str | pathlib.Path, *, count: int,
+def generate_latents(pipe, prompts: Sequence[str], out: str | os.PathLike, *, count: int,
                      num_steps: int = 50,
                      guidance_range: Sequence[float] = DEFAULT_GUIDANCE_RANGE, seed: int = 0,
                      batch_size: int = 32, shard_size: int = 1000, dtype: str = "float16",
@@ -109,48 +110,50 @@ def generate_latents(pipe, prompts: Sequence[str], out: str | pathlib.Path, *, c
     if not prompts:
         raise ValueError("no prompts given")
     lo, hi = _check_range(guidance_range)
-    out = pathlib.Path(out).expanduser()
-    prepare_lib.check_output(out, overwrite)
-    tmp = out.with_name(out.name + ".tmp")
-    if tmp.exists():
-        shutil.rmtree(tmp)  # left by an interrupted run; its name says it is ours
-    tmp.mkdir(parents=True)
-
+    out = prepare_lib.check_output(out, overwrite)
+    storage.check_writable(out)
     hw = (pipe.sample_size, pipe.sample_size)
     channels = pipe.unet.spec.in_channels
     text = (pipe.text_encoder, pipe.text_encoder_params)
     # The empty prompt's context, once: every batch guides with it.
     uncond = sampling.encode_text(*text, np.asarray(pipe.tokenizer([""] * batch_size), np.int32))
     store = np.dtype(dtype)
-    writer = prepare_lib.ShardWriter(tmp, shard_size)
-    try:
-        with tqdm(total=count, unit="latent", disable=not progress,
-                  desc=f"generate {out.name}") as bar:
-            for start in range(0, count, batch_size):
-                n = min(batch_size, count - start)
-                # Full batches only (the last one padded): the sampler compiles once.
-                captions = [prompts[(start + i) % len(prompts)] for i in range(batch_size)]
-                ids = np.asarray(pipe.tokenizer(captions), np.int32)
-                scales = guidance_scales(seed, start, batch_size, (lo, hi))
-                noise = sampling.initial_noise(seed, batch_size, hw, channels, first_index=start)
-                # Encoded once: the sampler's conditioning is also the record's context.
-                context = sampling.encode_text(*text, ids)
-                latents = sampling.ddim_latents(
-                    pipe.unet, pipe.unet_params, noise, context, uncond,
-                    schedule=pipe.schedule, num_steps=num_steps, guidance_scale=scales)
-                raw = np.asarray(latents, np.float32) / np.float32(pipe.vae.spec.scaling_factor)
-                context = np.asarray(context)
-                if not np.isfinite(raw[:n]).all():
-                    raise FloatingPointError(f"latents {start}..{start + n - 1} are not finite: "
-                                             "the pipeline's UNet diverges at these settings")
-                for i in range(n):
-                    writer.write(sources.encode_record({
-                        "latent_mean": raw[i].astype(store), "context": context[i].astype(store),
-                        "caption": captions[i], "index": start + i,
-                        "guidance_scale": float(scales[i])}))
-                bar.update(n)
-        writer.close()
-        index = {
+    index: dict = {}
+
+    def write(tmp) -> None:
+        writer = prepare_lib.ShardWriter(tmp, shard_size)
+        try:
+            with tqdm(total=count, unit="latent", disable=not progress,
+                      desc=f"generate {out.name}") as bar:
+                for start in range(0, count, batch_size):
+                    n = min(batch_size, count - start)
+                    # Full batches only (the last one padded): the sampler compiles once.
+                    captions = [prompts[(start + i) % len(prompts)] for i in range(batch_size)]
+                    ids = np.asarray(pipe.tokenizer(captions), np.int32)
+                    scales = guidance_scales(seed, start, batch_size, (lo, hi))
+                    noise = sampling.initial_noise(seed, batch_size, hw, channels,
+                                                   first_index=start)
+                    # Encoded once: the sampler's conditioning is also the record's context.
+                    context = sampling.encode_text(*text, ids)
+                    latents = sampling.ddim_latents(
+                        pipe.unet, pipe.unet_params, noise, context, uncond,
+                        schedule=pipe.schedule, num_steps=num_steps, guidance_scale=scales)
+                    raw = np.asarray(latents, np.float32) / np.float32(pipe.vae.spec.scaling_factor)
+                    context = np.asarray(context)
+                    if not np.isfinite(raw[:n]).all():
+                        raise FloatingPointError(
+                            f"latents {start}..{start + n - 1} are not finite: the pipeline's "
+                            "UNet diverges at these settings")
+                    for i in range(n):
+                        writer.write(sources.encode_record({
+                            "latent_mean": raw[i].astype(store),
+                            "context": context[i].astype(store),
+                            "caption": captions[i], "index": start + i,
+                            "guidance_scale": float(scales[i])}))
+                    bar.update(n)
+        finally:
+            writer.close()
+        index.update({
             "format": sources.PREPARED_FORMAT,
             "latents": "generated",
             "count": count,
@@ -164,13 +167,10 @@ def generate_latents(pipe, prompts: Sequence[str], out: str | pathlib.Path, *, c
                           "num_prompts": len(prompts),
                           "schedule": dataclasses.asdict(pipe.schedule), **(source_info or {})},
             "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        }
+        })
         (tmp / sources.PREPARED_INDEX).write_text(json.dumps(index, indent=1))
-        prepare_lib.publish(tmp, out)
-    except BaseException:
-        writer.close()
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+
+    prepare_lib.write_output(out, write)
     return index
 
 
@@ -204,7 +204,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:  # before anything slow: a refused output or bad prompts should not cost a model load
-        prepare_lib.check_output(pathlib.Path(args.out).expanduser(), args.overwrite)
+        prepare_lib.check_output(args.out, args.overwrite)
     except FileExistsError as e:
         raise UserError(str(e)) from None
     _check_range(args.guidance_range)

@@ -7,8 +7,10 @@ the source index. Keeping the posterior rather than one draw lets training use t
 (default) or draw fresh latents every epoch (``data.sample_latents``) from the same shards;
 ``index.json`` records the VAE's scaling factor, which the reader applies.
 
-The output appears all at once: shards are written to ``OUT.tmp`` and renamed to ``OUT`` when
-complete, so an interrupted run never leaves something that looks finished. An existing
+The output appears all at once (:func:`snapjax.storage.write_folder`): shards are written to a
+local temporary folder, renamed to ``OUT`` when complete or, for a ``gs://`` bucket, uploaded
+with ``index.json`` last, so an interrupted run never leaves something that looks finished
+(readers recognise a prepared folder by its ``index.json``). An existing
 non-empty ``OUT`` is refused unless ``--overwrite``. Unreadable images are skipped, counted,
 and listed (first few) in ``index.json``.
 
@@ -27,13 +29,15 @@ import datetime
 import json
 import logging
 import os
-import pathlib
 import shutil
 from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 
+from etils import epath
+
+from snapjax import storage
 from snapjax.cli import UserError
 from snapjax.data import images, sources
 from snapjax.data.pipeline import SOURCES, DataConfig, open_source
@@ -65,7 +69,7 @@ class Encoders:
 class ShardWriter:
     """ArrayRecord files of at most ``shard_size`` records: data-00000.array_record, ..."""
 
-    def __init__(self, folder: pathlib.Path, shard_size: int):
+    def __init__(self, folder: epath.Path, shard_size: int):
         self.folder, self.shard_size = folder, shard_size
         self.shards: list[dict[str, Any]] = []
         self._writer = None
@@ -91,25 +95,32 @@ class ShardWriter:
         self._close_current()
 
 
-def check_output(out: pathlib.Path, overwrite: bool) -> None:
-    if out.exists() and not out.is_dir():
-        raise FileExistsError(f"output {out} exists and is not a folder")
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise FileExistsError(f"output folder {out} exists and is not empty; pass --overwrite "
-                              "to replace it")
+def check_output(out: str | os.PathLike, overwrite: bool) -> epath.Path:
+    """``out`` as a path, or FileExistsError when it is a file or a non-empty folder and not
+    ``overwrite``; an empty folder is written into."""
+    out = storage.path(out)
+    with storage.clear_errors(out, "read"):
+        if out.exists() and not out.is_dir():
+            raise FileExistsError(f"output {out} exists and is not a folder")
+        if out.is_dir() and any(out.iterdir()) and not overwrite:
+            raise FileExistsError(f"output folder {out} exists and is not empty; pass "
+                                  "--overwrite to replace it")
+    return out
 
 
-def publish(tmp: pathlib.Path, out: pathlib.Path) -> None:
-    """Rename the finished tmp folder to ``out``, replacing what was there."""
-    if out.exists():
-        old = out.with_name(out.name + ".old")
-        if old.exists():
-            shutil.rmtree(old)
-        os.replace(out, old)
-        os.replace(tmp, out)
-        shutil.rmtree(old)
-    else:
-        os.replace(tmp, out)
+def write_output(out: epath.Path, write: Callable[[epath.Path], None]) -> None:
+    """``write(tmp)`` into a local temporary folder that :func:`snapjax.storage.write_folder`
+    then puts at ``out`` (check_output has already refused what must not be replaced)."""
+    if not storage.is_remote(out):
+        # Left by a killed run: OUT.tmp (older snapjax) or our write_folder prefix.
+        for old in [out.with_name(out.name + ".tmp"), *out.parent.glob(f"{_tmp_prefix(out)}*")]:
+            if old.is_dir():
+                shutil.rmtree(old)
+    storage.write_folder(out, write, overwrite=True, prefix=_tmp_prefix(out))
+
+
+def _tmp_prefix(out: epath.Path) -> str:
+    return f".{out.name}.prepare-tmp-"
 
 
 def _encode_batch(records: list[dict], encoders: Encoders, batch_size: int, dtype: np.dtype):
@@ -140,27 +151,47 @@ def prepare(source, out: str | os.PathLike, encoders: Encoders, *, batch_size: i
     Returns the index written to ``out/index.json``.
     """
     import grain
-    from tqdm import tqdm
 
     if dtype not in STORE_DTYPES:
         raise ValueError(f"dtype={dtype!r}; choose one of {list(STORE_DTYPES)}")
     if batch_size < 1 or shard_size < 1:
         raise ValueError(f"batch_size={batch_size} and shard_size={shard_size} must be >= 1")
-    out = pathlib.Path(out).expanduser()
-    check_output(out, overwrite)
-    tmp = out.with_name(out.name + ".tmp")
-    if tmp.exists():
-        shutil.rmtree(tmp)  # left by an interrupted run; its name says it is ours
-    tmp.mkdir(parents=True)
-
+    out = check_output(out, overwrite)
+    storage.check_writable(out)
     n = len(source) if limit is None else min(limit, len(source))
     ds = grain.MapDataset.source(source)[:n].to_iter_dataset(
         grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=4 * batch_size))
-    writer = ShardWriter(tmp, shard_size)
+    index: dict = {}
+
+    def write(tmp: epath.Path) -> None:
+        writer = ShardWriter(tmp, shard_size)
+        try:
+            index.update(_encode_all(ds, n, writer, encoders, batch_size, np.dtype(dtype),
+                                     progress, out.name))
+        finally:
+            writer.close()
+        index.update({
+            "dtype": dtype,
+            "scaling_factor": float(encoders.scaling_factor),
+            "resolution": resolution,
+            "source": source_info or {"repr": repr(source)},
+            "encoders": encoders.info,
+            "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        })
+        (tmp / sources.PREPARED_INDEX).write_text(json.dumps(index, indent=1))
+
+    write_output(out, write)
+    return index
+
+
+def _encode_all(ds, n: int, writer: ShardWriter, encoders: Encoders, batch_size: int,
+                store: np.dtype, progress: bool, name: str) -> dict:
+    """Encode the ``n`` items of ``ds`` into ``writer``; the index's counting fields."""
+    from tqdm import tqdm
+
     skipped: list[str] = []
     shapes: dict[str, list[int]] = {}
     count = 0
-    store = np.dtype(dtype)
 
     def flush(batch: list[dict]) -> None:
         nonlocal count
@@ -172,48 +203,27 @@ def prepare(source, out: str | os.PathLike, encoders: Encoders, *, batch_size: i
                 "caption": rec["caption"], "index": int(rec["index"])}))
         count += len(batch)
 
-    try:
-        batch: list[dict] = []
-        # grain returns records in index order; the index travels with the record.
-        for index, rec in enumerate(tqdm(ds, total=n, unit="img", disable=not progress,
-                                         desc=f"prepare {out.name}")):
-            if "skip" in rec:
-                skipped.append(rec["skip"])
-                log.warning("skipped unreadable image: %s", rec["skip"])
-                continue
-            batch.append({**rec, "index": index})
-            if len(batch) == batch_size:
-                flush(batch)
-                batch = []
-        if batch:
+    batch: list[dict] = []
+    # grain returns records in index order; the index travels with the record.
+    for index, rec in enumerate(tqdm(ds, total=n, unit="img", disable=not progress,
+                                     desc=f"prepare {name}")):
+        if "skip" in rec:
+            skipped.append(rec["skip"])
+            log.warning("skipped unreadable image: %s", rec["skip"])
+            continue
+        batch.append({**rec, "index": index})
+        if len(batch) == batch_size:
             flush(batch)
-        writer.close()
-        if count == 0:
-            raise sources.DataError(f"no readable images among {n} (skipped {len(skipped)}; "
-                                    f"first: {skipped[:1]})")
-        index = {
-            "format": sources.PREPARED_FORMAT,
-            "count": count,
-            "shards": writer.shards,
-            "latent_shape": shapes["latent"],
-            "context_shape": shapes["context"],
-            "dtype": dtype,
-            "scaling_factor": float(encoders.scaling_factor),
-            "resolution": resolution,
-            "source": source_info or {"repr": repr(source)},
-            "encoders": encoders.info,
-            "read": n,
-            "skipped": len(skipped),
-            "skipped_examples": skipped[:MAX_LISTED_SKIPS],
-            "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        }
-        (tmp / sources.PREPARED_INDEX).write_text(json.dumps(index, indent=1))
-        publish(tmp, out)
-    except BaseException:
-        writer.close()
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return index
+            batch = []
+    if batch:
+        flush(batch)
+    writer.close()
+    if count == 0:
+        raise sources.DataError(f"no readable images among {n} (skipped {len(skipped)}; "
+                                f"first: {skipped[:1]})")
+    return {"format": sources.PREPARED_FORMAT, "count": count, "shards": writer.shards,
+            "latent_shape": shapes["latent"], "context_shape": shapes["context"],
+            "read": n, "skipped": len(skipped), "skipped_examples": skipped[:MAX_LISTED_SKIPS]}
 
 
 # ---------------------------------------------------------------- real encoders
@@ -293,7 +303,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _encoder_paths(args: argparse.Namespace) -> tuple[str, str, str]:
-    model = pathlib.Path(args.model) if args.model else None
+    model = storage.path(args.model) if args.model else None
     if model is not None and not model.is_dir():
         raise FileNotFoundError(f"--model {model} does not exist or is not a folder")
     vae = args.vae or (str(model / "vae") if model else "")
@@ -301,7 +311,7 @@ def _encoder_paths(args: argparse.Namespace) -> tuple[str, str, str]:
     if not vae or not te:
         raise ValueError("give --model, or both --vae and --text-encoder")
     tok = args.tokenizer or (str(model / "tokenizer") if model else
-                             str(pathlib.Path(te).parent / "tokenizer"))
+                             str(storage.path(te).parent / "tokenizer"))
     return vae, te, tok
 
 
@@ -314,7 +324,7 @@ def run(args: argparse.Namespace) -> int:
                      caption_key=args.caption_key, image_key=args.image_key,
                      tfds_name=args.tfds_name, split=args.split, **world)
     try:  # before anything slow: a refused output should not cost a model load
-        check_output(pathlib.Path(args.out).expanduser(), args.overwrite)
+        check_output(args.out, args.overwrite)
     except FileExistsError as e:
         raise UserError(str(e)) from None
     vae, te, tok = _encoder_paths(args)

@@ -17,16 +17,23 @@ Setup errors (missing folder, malformed metadata.jsonl) raise at construction, n
 
 Sources hold no open file handles when pickled, so grain worker processes can use them.
 
+Prepared shards may live in a ``gs://`` bucket: :class:`PreparedSource` copies such a folder
+to a local cache once (see :func:`local_prepared_copy`). Image folders, webdataset tars and
+TFDS data_dirs are read from local disk only, and refuse a ``gs://`` path.
+
 Legend: R resolution, h w latent height/width, Z latent channels, L tokens, D text width.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
 import pathlib
+import shutil
 import tarfile
+import tempfile
 import threading
 from collections.abc import Sequence
 from concurrent import futures
@@ -35,6 +42,7 @@ from typing import Any
 import msgpack
 import numpy as np
 
+from snapjax import storage
 from snapjax.data import images
 from snapjax.data.world import WorldSpec, render
 
@@ -57,7 +65,15 @@ class DataError(ValueError):
     """A data setup the user must fix (bad folder, malformed captions file, bad shards)."""
 
 
+def _refuse_remote(path: str | os.PathLike, kind: str) -> None:
+    if storage.is_remote(path):
+        raise DataError(f"{path}: {kind} sources must be local; copy them or run snapjax "
+                        "prepare into gs://")
+
+
 def _require_dir(path: str | os.PathLike, what: str) -> pathlib.Path:
+    # local: image, webdataset and TFDS sources refuse gs:// (_refuse_remote) and read with
+    # os / tarfile calls; prepared folders in a bucket are copied first (local_prepared_copy).
     folder = pathlib.Path(path).expanduser()
     if not str(path):
         raise DataError(f"no {what} given (data.path is empty)")
@@ -154,6 +170,7 @@ class ImageFolderSource:
 
     def __init__(self, folder: str | os.PathLike, resolution: int,
                  caption_key: str = IMAGEFOLDER_CAPTION_KEY):
+        _refuse_remote(folder, "image-folder")
         self.folder = _require_dir(folder, "image folder")
         metadata = self.folder / METADATA_FILE
         if not metadata.is_file():
@@ -235,7 +252,8 @@ class WebDatasetSource:
     def __init__(self, path: str | os.PathLike, resolution: int,
                  caption_ext: str = WEBDATASET_CAPTION_EXT,
                  image_exts: Sequence[str] = WEBDATASET_IMAGE_EXTS, num_threads: int = 16):
-        root = pathlib.Path(path).expanduser()
+        _refuse_remote(path, "webdataset")
+        root = pathlib.Path(path).expanduser()  # local: gs:// refused above
         if root.is_file():
             self.shards = [root]
         else:
@@ -351,6 +369,7 @@ class TFDSSource:
                  image_key: str = TFDS_IMAGE_KEY, caption_key: str = TFDS_CAPTION_KEY):
         if not name:
             raise DataError("data source 'tfds' needs a dataset name (data.tfds_name)")
+        _refuse_remote(data_dir, "TFDS")
         self.data_dir = _require_dir(data_dir, "TFDS data_dir")
         self.name, self.split, self.resolution = name, split, resolution
         self.image_key, self.caption_key = image_key, caption_key
@@ -437,13 +456,17 @@ def decode_record(data: bytes) -> Record:
     return out
 
 
-def read_prepared_index(folder: pathlib.Path) -> dict:
+def read_prepared_index(folder: str | os.PathLike) -> dict:
+    """The checked ``index.json`` of a prepared folder, local or ``gs://``."""
+    folder = storage.path(folder)
     path = folder / PREPARED_INDEX
-    if not path.is_file():
-        raise FileNotFoundError(f"{folder} has no {PREPARED_INDEX}: not a folder written by "
-                                "`snapjax prepare`")
+    with storage.clear_errors(folder, "read"):
+        if not path.is_file():
+            raise FileNotFoundError(f"{folder} has no {PREPARED_INDEX}: not a folder written by "
+                                    "`snapjax prepare` (or its upload did not finish)")
+        text = path.read_text()
     try:
-        index = json.loads(path.read_text())
+        index = json.loads(text)
     except json.JSONDecodeError as e:
         raise DataError(f"{path}: not valid JSON ({e})") from e
     if index.get("format") != PREPARED_FORMAT:
@@ -451,15 +474,81 @@ def read_prepared_index(folder: pathlib.Path) -> dict:
     return index
 
 
+def prepared_cache_dir() -> pathlib.Path:
+    # local: the cache of bucket copies is this host's disk by definition.
+    root = pathlib.Path(os.environ.get("SNAPJAX_CACHE", "~/.cache/snapjax")).expanduser()
+    return root / "prepared"
+
+
+# gs:// folder -> its local copy, for this process.
+_LOCAL_COPIES: dict[str, pathlib.Path] = {}
+
+
+def local_prepared_copy(folder: str | os.PathLike, num_threads: int = 8) -> pathlib.Path:
+    """A local copy of the prepared folder ``folder`` (``gs://``), made once per host.
+
+    array_record opens ``gs://`` only through its own GCS client, with its own credentials and
+    endpoint (it hangs where it cannot reach them, ignores STORAGE_EMULATOR_HOST and refuses
+    bucket names under 3 characters), and a bucket read per record would make training's random
+    access slow; so the shards are copied, through the same gcsfs as every other file, into
+    ``$SNAPJAX_CACHE/prepared/`` (default ``~/.cache/snapjax``) under a name hashing the path
+    and its ``index.json``: a rewritten folder gets a fresh copy, an unchanged one is reused.
+    The copy is renamed into place whole, so processes on one host never see half of one.
+    """
+    remote = storage.check_readable(folder, "prepared data folder")
+    key = os.fspath(remote)
+    if key in _LOCAL_COPIES:
+        return _LOCAL_COPIES[key]
+    index = read_prepared_index(remote)
+    digest = hashlib.sha256(f"{key}\n{json.dumps(index, sort_keys=True)}".encode()).hexdigest()
+    local = prepared_cache_dir() / f"{remote.name}-{digest[:16]}"
+    if (local / PREPARED_INDEX).is_file():
+        log.info("prepared data %s: reading its local copy %s", key, local)
+    else:
+        names = [s["file"] for s in index["shards"]]
+        with storage.clear_errors(folder, "read"):
+            present = {p.name for p in remote.iterdir()}
+        missing = [f"{key}/{n}" for n in names if n not in present]
+        if missing:
+            raise FileNotFoundError(f"{key}: shard file(s) missing: {missing[:3]}")
+        log.info("prepared data %s: copying %d shard(s) to %s (ArrayRecord shards are read "
+                 "from local disk)", key, len(names), local)
+        local.parent.mkdir(parents=True, exist_ok=True)
+        tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{local.name}.download-", dir=local.parent))
+        try:
+            def copy(name: str) -> None:
+                with (remote / name).open("rb") as fin, open(tmp / name, "wb") as fout:
+                    shutil.copyfileobj(fin, fout, length=16 << 20)
+
+            with storage.clear_errors(folder, "read"):
+                with futures.ThreadPoolExecutor(max(1, min(num_threads, len(names)))) as pool:
+                    list(pool.map(copy, names))
+            (tmp / PREPARED_INDEX).write_text(json.dumps(index, indent=1))  # last: complete
+            try:
+                os.rename(tmp, local)
+            except OSError:  # another process on this host renamed its copy first
+                if not (local / PREPARED_INDEX).is_file():
+                    raise
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    _LOCAL_COPIES[key] = local
+    return local
+
+
 class PreparedSource:
-    """ArrayRecord shards written by ``snapjax prepare`` (see :mod:`snapjax.data.prepare`).
+    """ArrayRecord shards written by ``snapjax prepare`` (see :mod:`snapjax.data.prepare`),
+    from a local folder or a ``gs://`` one (copied to local disk first: :func:`local_prepared_copy`).
 
     Yields float32 arrays whatever the stored dtype (float16 by default, to halve the disk)."""
 
     def __init__(self, folder: str | os.PathLike):
         import grain  # grain's reader handles many shards and pickles into worker processes
 
-        self.folder = _require_dir(folder, "prepared data folder")
+        self.location = os.fspath(folder)
+        if storage.is_remote(folder):
+            self.folder = local_prepared_copy(folder)
+        else:
+            self.folder = _require_dir(folder, "prepared data folder")
         self.index = read_prepared_index(self.folder)
         paths = [self.folder / s["file"] for s in self.index["shards"]]
         missing = [str(p) for p in paths if not p.is_file()]
@@ -467,7 +556,7 @@ class PreparedSource:
             raise FileNotFoundError(f"{self.folder}: shard file(s) missing: {missing[:3]}")
         self._records = grain.sources.ArrayRecordDataSource([str(p) for p in paths])
         if len(self._records) != self.index["count"]:
-            raise DataError(f"{self.folder}: shards hold {len(self._records)} records but "
+            raise DataError(f"{self.location}: shards hold {len(self._records)} records but "
                             f"{PREPARED_INDEX} says {self.index['count']}")
 
     @property
@@ -485,4 +574,4 @@ class PreparedSource:
         return rec
 
     def __repr__(self) -> str:
-        return f"PreparedSource({self.folder}, {len(self)} records)"
+        return f"PreparedSource({self.location}, {len(self)} records)"

@@ -1,4 +1,4 @@
-"""CLIP score of images against their prompts, with a local transformers CLIP model folder.
+"""CLIP score of images against their prompts, with a transformers CLIP model folder.
 
 The score of image I and caption C is torchmetrics' ``CLIPScore`` (Hessel et al. 2021, w = 100):
 
@@ -10,7 +10,8 @@ is :func:`cosine` clamped at 0. torchmetrics clamps the mean over a set rather t
 the two agree whenever no cosine is negative, as with real CLIP models on real captions.
 
 The model is PyTorch (``transformers.CLIPModel`` and its tokenizer, loaded with
-``local_files_only``: nothing is ever downloaded). This is the one place snapjax touches torch,
+``local_files_only``: nothing is ever downloaded; a ``gs://`` folder is copied to local disk
+for the load). This is the one place snapjax touches torch,
 against STYLE.md's "snapjax never imports torch": CLIP, like Inception for FID, is a metric
 model whose published numbers come from its PyTorch weights, and a JAX port would be a second
 CLIP to keep in parity. torch is imported only inside :class:`ClipScorer`, so importing this
@@ -29,11 +30,14 @@ Legend: B batch, H/W image side, S CLIP image side, E embedding width.
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Sequence
-from pathlib import Path
 
 import numpy as np
+from etils import epath
 from PIL import Image
+
+from snapjax import storage
 
 # CLIP's training statistics (transformers' OPENAI_CLIP_MEAN / OPENAI_CLIP_STD).
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -45,10 +49,17 @@ _FOLDER_HINT = ("a transformers CLIP model folder (config.json, the weights, the
                 "with CLIPModel.save_pretrained and CLIPProcessor.save_pretrained")
 
 
-def check_folder(path: str | Path) -> Path:
-    """``path`` as a Path if it looks like a CLIP model folder, else a ValueError saying what
-    belongs there (checked before any model loads, so a run fails in seconds, not hours)."""
-    folder = Path(path)
+def check_folder(path: str | os.PathLike) -> epath.Path:
+    """``path`` (local or ``gs://``) as a path if it looks like a CLIP model folder, else a
+    ValueError saying what belongs there (checked before any model loads, so a run fails in
+    seconds, not hours)."""
+    folder = storage.path(path)
+    with storage.clear_errors(path, "read"):
+        _check_folder(folder)
+    return folder
+
+
+def _check_folder(folder: epath.Path) -> None:
     if not folder.is_dir():
         raise ValueError(f"CLIP model folder {folder} does not exist: it needs {_FOLDER_HINT}")
     if not (folder / "config.json").is_file():
@@ -56,7 +67,6 @@ def check_folder(path: str | Path) -> Path:
     if not any(all((folder / f).is_file() for f in files) for files in _TOKENIZER_FILES):
         raise ValueError(f"CLIP model folder {folder} has no tokenizer (vocab.json and "
                          f"merges.txt, or tokenizer.json): it needs {_FOLDER_HINT}")
-    return folder
 
 
 def _side(value, key: str) -> int:
@@ -71,13 +81,13 @@ def _side(value, key: str) -> int:
                      "(a CLIP processor resizes the shorter side and crops a square)")
 
 
-def read_preprocessing(folder: str | Path, image_size: int) -> dict:
+def read_preprocessing(folder: str | os.PathLike, image_size: int) -> dict:
     """{size, crop_size, mean, std, resample, rescale, do_*} from ``preprocessor_config.json``,
     else CLIP's standard pipeline at the vision tower's ``image_size``."""
     out = {"size": image_size, "crop_size": image_size, "mean": CLIP_MEAN, "std": CLIP_STD,
            "resample": _BICUBIC, "rescale": 1 / 255, "do_resize": True,
            "do_center_crop": True, "do_normalize": True}
-    path = Path(folder) / "preprocessor_config.json"
+    path = storage.path(folder) / "preprocessor_config.json"
     if not path.is_file():
         return out
     cfg = json.loads(path.read_text())
@@ -144,19 +154,21 @@ class ClipScorer:
         self.max_length = int(model.config.text_config.max_position_embeddings)
 
     @classmethod
-    def from_folder(cls, path: str | Path, device: str | None = None,
+    def from_folder(cls, path: str | os.PathLike, device: str | None = None,
                     batch_size: int = 64) -> "ClipScorer":
-        """Load a local CLIP folder (never downloads). ``device``: a torch device; default
-        the first CUDA device if torch has one, else the CPU."""
-        folder = check_folder(path)
+        """Load a CLIP folder, local or ``gs://`` (never from a hub). ``device``: a torch
+        device; default the first CUDA device if torch has one, else the CPU."""
+        check_folder(path)
         import torch  # the metric model is PyTorch: see the module docstring
         from transformers import CLIPModel, CLIPTokenizer
 
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        model = CLIPModel.from_pretrained(str(folder), local_files_only=True,
-                                          dtype=torch.float32).to(device).eval()
-        tokenizer = CLIPTokenizer.from_pretrained(str(folder), local_files_only=True)
-        prep = read_preprocessing(folder, int(model.config.vision_config.image_size))
+        # transformers reads local files only: a bucket's folder is copied for the load.
+        with storage.local_folder(path) as folder:
+            model = CLIPModel.from_pretrained(str(folder), local_files_only=True,
+                                              dtype=torch.float32).to(device).eval()
+            tokenizer = CLIPTokenizer.from_pretrained(str(folder), local_files_only=True)
+            prep = read_preprocessing(folder, int(model.config.vision_config.image_size))
         return cls(model, tokenizer, prep, device, batch_size)
 
     def _features(self, fn, inputs: dict) -> np.ndarray:

@@ -1,16 +1,17 @@
-"""FID with the standard Inception-v3 weights, read from a local file.
+"""FID with the standard Inception-v3 weights, read from a file (local or gs://), never downloaded.
 
 The FID that papers report (SnapFusion's Fig. 4 / 6 included) uses the TensorFlow Inception
 of 2015-12-05, whose PyTorch form is NVIDIA's TorchScript file ``inception-2015-12-05.pt``
 (StyleGAN2-ADA's metrics; clean-fid and torch-fidelity ship the same network): called as
 ``model(images_uint8_NCHW, return_features=True)`` it resizes to 299 x 299 the TensorFlow way
 and returns the 2048 pool features. snapjax loads that file with ``torch.jit.load`` and never
-downloads it: give its path (``--inception FILE``). Its SHA-256 is recorded with every result,
-and a hash other than the one expected (``--inception-sha256``) is warned about, naming the
-file, since FIDs from different Inception weights are not comparable.
+downloads it: give its path (``--inception FILE``, local or ``gs://``). Its SHA-256 is
+recorded with every result, and a hash other than the one expected (``--inception-sha256``) is
+warned about, naming the file, since FIDs from different Inception weights are not comparable.
 
 Reference statistics (mean and covariance of the reference images' features) are computed once
-per reference set and weights file, and cached as ``.npz`` beside the results.
+per reference set and weights file, and cached as ``.npz`` beside the results (a bucket's
+folder too: the cache is read and written through file objects).
 
 Like CLIP (:mod:`snapjax.eval.clip_score`), the metric model is PyTorch: torch is imported only
 inside the functions that run it.
@@ -22,12 +23,14 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import io
 import json
 import logging
-from pathlib import Path
+import os
 
 import numpy as np
 
+from snapjax import storage
 from snapjax.eval import frechet
 
 log = logging.getLogger(__name__)
@@ -35,9 +38,9 @@ log = logging.getLogger(__name__)
 STANDARD_FILE = "inception-2015-12-05.pt"
 
 
-def sha256(path: str | Path) -> str:
+def sha256(path: str | os.PathLike) -> str:
     h = hashlib.sha256()
-    with open(path, "rb") as f:
+    with storage.path(path).open("rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()
@@ -54,13 +57,14 @@ class InceptionFeatures:
     batch_size: int = 50
 
     @classmethod
-    def from_file(cls, path: str | Path, *, expected_sha256: str | None = None,
+    def from_file(cls, path: str | os.PathLike, *, expected_sha256: str | None = None,
                   device: str | None = None, batch_size: int = 50) -> "InceptionFeatures":
-        path = Path(path)
-        if not path.is_file():
-            raise ValueError(f"Inception weights {path} not found: FID needs the TorchScript "
-                             f"file {STANDARD_FILE} (StyleGAN2-ADA's metrics file) on local "
-                             "disk; snapjax never downloads metric models")
+        path = storage.path(path)
+        with storage.clear_errors(path, "read"):
+            if not path.is_file():
+                raise ValueError(f"Inception weights {path} not found: FID needs the "
+                                 f"TorchScript file {STANDARD_FILE} (StyleGAN2-ADA's metrics "
+                                 "file), local or gs://; snapjax never downloads metric models")
         digest = sha256(path)
         if expected_sha256 and digest != expected_sha256.lower():
             log.warning("Inception weights %s have SHA-256 %s, not the expected %s: FIDs "
@@ -74,7 +78,9 @@ class InceptionFeatures:
                 # torch 2.13 deprecates TorchScript, but the standard file is one; nothing
                 # else reads it with the exact published network.
                 warnings.simplefilter("ignore", DeprecationWarning)
-                model = torch.jit.load(str(path), map_location="cpu").eval()
+                # A bucket's file is read into memory (about 100 MB): torch wants a file.
+                source = io.BytesIO(path.read_bytes()) if storage.is_remote(path) else str(path)
+                model = torch.jit.load(source, map_location="cpu").eval()
         except RuntimeError as e:
             raise ValueError(f"Inception weights {path}: not a TorchScript file "
                              f"torch.jit.load can read ({str(e).splitlines()[0]})") from None
@@ -96,23 +102,30 @@ class InceptionFeatures:
         return np.concatenate(out) if out else np.zeros((0, 0))
 
 
-def reference_stats(extractor: InceptionFeatures, images_BHWC: np.ndarray, cache: str | Path,
+def reference_stats(extractor: InceptionFeatures, images_BHWC: np.ndarray,
+                    cache: str | os.PathLike,
                     *, key: str) -> tuple[np.ndarray, np.ndarray]:
     """Mean and covariance of the reference set's features, from ``cache`` (an ``.npz``) when
     it holds this set (``key``: e.g. the sorted image ids) under these weights, else computed
     and written there."""
-    cache = Path(cache)
+    cache = storage.path(cache)
     tag = hashlib.sha256(json.dumps([key, extractor.sha256]).encode()).hexdigest()[:16]
     if cache.is_file():
-        with np.load(cache) as f:
+        # np.load and np.savez take file objects: the cache may sit in a bucket.
+        with np.load(io.BytesIO(cache.read_bytes())) as f:
             if str(f["tag"]) == tag:
                 return f["mu"], f["sigma"]
         log.info("%s holds statistics of another reference set or weights; recomputing", cache)
     mu, sigma = frechet.gaussian_stats(extractor(images_BHWC))
-    cache.parent.mkdir(parents=True, exist_ok=True)
-    tmp = cache.with_name(cache.name + ".tmp.npz")
-    np.savez(tmp, mu=mu, sigma=sigma, tag=np.asarray(tag))
-    tmp.replace(cache)
+    buf = io.BytesIO()
+    np.savez(buf, mu=mu, sigma=sigma, tag=np.asarray(tag))
+    if storage.is_remote(cache):
+        cache.write_bytes(buf.getvalue())  # an object appears whole
+    else:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cache.with_name(cache.name + ".tmp.npz")
+        tmp.write_bytes(buf.getvalue())
+        tmp.replace(cache)
     return mu, sigma
 
 

@@ -8,10 +8,13 @@ better. Error bars are the bootstrap intervals.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping
-from pathlib import Path
 
 import numpy as np
+from etils import epath
+
+from snapjax import storage
 
 # (x metric, y metric, x label, y label) per kind of evaluation
 AXES = {"world": ("accuracy/all", "frechet_distance", "all-attributes accuracy",
@@ -36,8 +39,8 @@ def curves(results: Mapping[str, dict], kind: str) -> dict[str, list[tuple]]:
     return {k: sorted(v) for k, v in out.items()}
 
 
-def plot_curves(results: Mapping[str, dict], kind: str, path: str | Path,
-                title: str = "") -> Path | None:
+def plot_curves(results: Mapping[str, dict], kind: str, path: str | os.PathLike,
+                title: str = "") -> epath.Path | None:
     """Write the curve plot as PNG; None when no setting has both metrics."""
     data = curves(results, kind)
     if not data:
@@ -61,9 +64,10 @@ def plot_curves(results: Mapping[str, dict], kind: str, path: str | Path,
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    path = Path(path)
+    path = storage.path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
+    with path.open("wb") as f:  # a file object: the path may be in a bucket
+        fig.savefig(f, format=path.suffix.lstrip(".") or "png", dpi=120)
     plt.close(fig)
     return path
 

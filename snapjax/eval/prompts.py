@@ -15,9 +15,12 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from pathlib import Path
+import os
 
 import numpy as np
+from etils import epath
+
+from snapjax import storage
 
 
 # name -> (captions per image, default count: None = one per image, all images)
@@ -44,13 +47,13 @@ def seeded_subset(count: int, num: int, seed: int, source: str, unit: str) -> np
     return np.sort(np.random.default_rng(seed).choice(count, size=num, replace=False))
 
 
-def read_prompts(path: str | Path, num: int | None = None, seed: int = 0) -> list[str]:
+def read_prompts(path: str | os.PathLike, num: int | None = None, seed: int = 0) -> list[str]:
     """The prompts of a text file, one per line (blank lines skipped, ends stripped).
 
     ``num``: a seeded subset of that many (``default_rng(seed).choice`` without replacement),
     kept in file order; None or the file's count: every prompt.
     """
-    path = Path(path)
+    path = storage.path(path)  # a local file or gs://
     if not path.is_file():
         raise ValueError(f"prompts file {path} does not exist (a UTF-8 text file, one prompt "
                          "per line)")
@@ -67,7 +70,7 @@ def read_prompts(path: str | Path, num: int | None = None, seed: int = 0) -> lis
                                               f"prompts file {path} has", "prompts")]
 
 
-def _coco_annotations(path: Path) -> list[tuple[int, int, str]]:
+def _coco_annotations(path: epath.Path) -> list[tuple[int, int, str]]:
     """(image_id, annotation id, caption) of a COCO captions file, checked for shape."""
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
@@ -89,10 +92,10 @@ def _coco_annotations(path: Path) -> list[tuple[int, int, str]]:
     return out
 
 
-def coco_prompts(path: str | Path, num: int | None = None, seed: int = 0) -> PromptSet:
+def coco_prompts(path: str | os.PathLike, num: int | None = None, seed: int = 0) -> PromptSet:
     """One caption per image (the lowest annotation id of each), all images or a seeded
     subset of ``num`` images, in image-id order."""
-    path = Path(path)
+    path = storage.path(path)  # a local file or gs://
     if not path.is_file():
         raise ValueError(f"COCO annotations {path} does not exist (captions_val2014.json or "
                          "captions_val2017.json from the COCO annotations archive)")

@@ -28,7 +28,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from etils import epath
 
+from snapjax import storage
 from snapjax.data.world import WorldSpec, canonical_labels, render_batch
 from snapjax.eval import frechet
 
@@ -330,9 +332,10 @@ def score(reader: ReaderState, images, attributes: Mapping[str, np.ndarray],
 
 # ---- saving and caching ----
 
-def save_reader(reader: ReaderState, folder) -> pathlib.Path:
-    """Writes params.msgpack (flax serialization) and reader.json (world spec, network, metrics)."""
-    folder = pathlib.Path(folder)
+def save_reader(reader: ReaderState, folder) -> epath.Path:
+    """Writes params.msgpack (flax serialization) and reader.json (world spec, network,
+    metrics), that last; ``folder`` may be ``gs://``."""
+    folder = storage.path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "params.msgpack").write_bytes(flax.serialization.to_bytes(reader.params))
     meta = {"format": _FORMAT, "spec": reader.spec.to_dict(), "widths": list(reader.widths),
@@ -342,7 +345,7 @@ def save_reader(reader: ReaderState, folder) -> pathlib.Path:
 
 
 def load_reader(folder) -> ReaderState:
-    folder = pathlib.Path(folder)
+    folder = storage.path(folder)  # local or gs://
     meta_path, params_path = folder / "reader.json", folder / "params.msgpack"
     for p in (meta_path, params_path):
         if not p.is_file():
@@ -362,6 +365,7 @@ def load_reader(folder) -> ReaderState:
 
 
 def default_cache_dir() -> pathlib.Path:
+    # local: a per-host cache of trained readers.
     return pathlib.Path(os.environ.get("SNAPJAX_CACHE", "~/.cache/snapjax")).expanduser()
 
 
@@ -378,6 +382,7 @@ def get_reader(spec: WorldSpec = WorldSpec(), cache_dir=None, *, steps: int | No
                batch: int = DEFAULT_BATCH, seed: int = 0, log=None) -> ReaderState:
     """The cached reader for this world: loaded from cache_dir/reader-<hash>, trained once if absent."""
     steps = default_steps(spec) if steps is None else steps
+    # local: the cache is this host's (renamed into place, below).
     root = pathlib.Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
     folder = root / f"reader-{reader_key(spec, steps, batch, seed)}"
     if (folder / "reader.json").is_file():
@@ -385,7 +390,7 @@ def get_reader(spec: WorldSpec = WorldSpec(), cache_dir=None, *, steps: int | No
     reader = train_reader(spec, steps, batch, seed, log=log)
     # Write to a temporary folder and rename, so a concurrent process never sees half a reader.
     root.mkdir(parents=True, exist_ok=True)
-    tmp = pathlib.Path(tempfile.mkdtemp(prefix=folder.name + ".", dir=root))
+    tmp = pathlib.Path(tempfile.mkdtemp(prefix=folder.name + ".", dir=root))  # local: as root
     tmp.chmod(0o755)          # mkdtemp makes it private; the cache is meant to be shared
     save_reader(reader, tmp)
     try:

@@ -26,8 +26,11 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import json
-import pathlib
 from collections.abc import Mapping
+
+from etils import epath
+
+from snapjax import storage
 
 ALL, MEAN, FD = "accuracy/all", "accuracy/mean", "frechet_distance"
 # Headroom: the 50-step teacher's all-attributes interval must end this far below perfect.
@@ -273,7 +276,7 @@ ABLATION_CLAIMS = (
 ABLATION_OF_CLAIM = {"decoder_init_and_data": "decoder_init"}
 
 
-def _ablation_verdicts(workdir: pathlib.Path, results: Mapping, ctx: dict) -> dict:
+def _ablation_verdicts(workdir: epath.Path, results: Mapping, ctx: dict) -> dict:
     """claim id -> (rule, verdict, numbers) for every ablation that ran; ``results`` gets the
     ablations' evaluated models (the same prompts, seeds and sweep as the chain's)."""
     root = workdir / "ablations"
@@ -417,14 +420,14 @@ def _model_rows(results: Mapping) -> list[dict]:
     return rows
 
 
-def _read_json(path: pathlib.Path) -> dict | None:
+def _read_json(path: epath.Path) -> dict | None:
     try:
         return json.loads(path.read_text())
     except (OSError, json.JSONDecodeError):
         return None
 
 
-def _export_summary(export_dir: pathlib.Path) -> dict:
+def _export_summary(export_dir: epath.Path) -> dict:
     out = {}
     torch_report = _read_json(export_dir / "torch" / "export_report.json")
     if torch_report:
@@ -447,7 +450,7 @@ def _export_summary(export_dir: pathlib.Path) -> dict:
     return out
 
 
-def build_report(workdir: pathlib.Path, records: Mapping, chain_config) -> dict:
+def build_report(workdir: epath.Path, records: Mapping, chain_config) -> dict:
     ev_doc = _read_json(workdir / "eval" / "eval.json")
     if ev_doc is None:
         raise FileNotFoundError(f"{workdir / 'eval' / 'eval.json'}: missing or unreadable; run "
@@ -579,17 +582,17 @@ def render_markdown(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_report(chain) -> dict[str, pathlib.Path]:
-    """REPORT.md and report.json in ``chain.workdir`` (written whole or not at all)."""
+def write_report(chain) -> dict[str, epath.Path]:
+    """REPORT.md and report.json in ``chain.workdir``, local or ``gs://`` (written whole or not
+    at all)."""
+    from snapjax.eval.run import write_text
     from snapjax.train.world import read_records
-    workdir = pathlib.Path(chain.workdir)
+    workdir = storage.path(chain.workdir)
     report = build_report(workdir, read_records(workdir), chain.config)
     paths = {"markdown": workdir / "REPORT.md", "json": workdir / "report.json"}
     for path, text in ((paths["json"], json.dumps(report, indent=1, default=str) + "\n"),
                        (paths["markdown"], render_markdown(report))):
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(text)
-        tmp.replace(path)
+        write_text(path, text)
     return paths
 
 

@@ -4,7 +4,7 @@
     snapjax eval --model teacher=runs/world/teacher/model --model runs/world/chain/direct_2/model \\
         --steps 2 --guidance 1 2 4 7 10 --seeds 0 1 2 --out runs/world/eval
 
-    # real scale: CLIP score and FID on COCO captions, metric models from local files only
+    # real scale: CLIP score and FID on COCO captions, metric models from files (never downloaded)
     snapjax eval --model sd15=SD_FOLDER --prompts coco2014-30k=captions_val2014.json \\
         --clip-model CLIP_FOLDER --inception inception-2015-12-05.pt \\
         --reference-images val2014/ --out runs/sd15/eval
@@ -14,19 +14,22 @@ Without ``--prompts`` the models are scored on the embedded world. ``--steps`` a
 ``OUT/eval.json`` (every number with its interval and sample count, the cost per image and the
 latency measured on this backend), ``OUT/curves.png`` (Fréchet distance vs accuracy, or FID vs
 CLIP score, one curve per model and step count) and ``OUT/grid_<setting>.png`` (the same
-prompts and seeds, one row per model).
+prompts and seeds, one row per model). Model folders, ``--out`` and the metric files may be
+``gs://`` paths (:mod:`snapjax.storage`); ``eval.json`` is written last.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import io
 import json
 import logging
-from pathlib import Path
 
 import numpy as np
+from etils import epath
 
+from snapjax import storage
 from snapjax.eval.evaluate import RealTask, Setting, WorldTask, evaluate, run_info
 from snapjax.eval.intervals import format_interval
 
@@ -42,8 +45,9 @@ def parse_models(specs: list[str]) -> dict[str, str]:
         name, sep, folder = spec.partition("=")
         if not sep:
             folder = spec
-            p = Path(spec.rstrip("/"))
-            name = p.parent.name if p.name == "model" and p.parent.name else p.name
+            parts = [part for part in spec.rstrip("/").split("/") if part]  # local or gs://
+            last, parent = parts[-1] if parts else "", parts[-2] if len(parts) > 1 else ""
+            name = parent if last == "model" and parent and not parent.endswith(":") else last
         if not name or not folder:
             raise ValueError(f"--model {spec!r}: expected NAME=FOLDER or FOLDER")
         if name in out:
@@ -63,10 +67,11 @@ def load_reference_images(folder: str, side: int) -> tuple[np.ndarray, str]:
     square: the training data's preprocessing), and a key naming the set (its sorted file
     names) for the stats cache."""
     from snapjax.data.images import load_image
-    root = Path(folder)
-    if not root.is_dir():
-        raise ValueError(f"--reference-images {root}: not a folder of images")
-    files = sorted(p for p in root.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    root = storage.path(folder)
+    with storage.clear_errors(folder, "read"):
+        if not root.is_dir():
+            raise ValueError(f"--reference-images {root}: not a folder of images")
+        files = sorted(p for p in root.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
     if len(files) < 2:
         raise ValueError(f"--reference-images {root}: {len(files)} image files "
                          f"({'/'.join(IMAGE_SUFFIXES)}); FID needs at least 2")
@@ -92,7 +97,7 @@ def build_real_task(args, side: int) -> RealTask:
         inception = fid.InceptionFeatures.from_file(args.inception,
                                                     expected_sha256=args.inception_sha256)
         images, key = load_reference_images(args.reference_images, side)
-        ref = fid.reference_stats(inception, images, Path(args.out) / "reference_stats.npz",
+        ref = fid.reference_stats(inception, images, storage.path(args.out) / "reference_stats.npz",
                                   key=key)
     return RealTask(prompts.prompts, clip, inception, ref)
 
@@ -111,10 +116,23 @@ def format_results(results: dict) -> str:
     return "\n".join(lines)
 
 
-def write_outputs(out: Path, results: dict, images: dict, info: dict, kind: str) -> dict:
+def write_text(path: epath.Path, text: str) -> None:
+    """``text`` into ``path`` whole: a bucket's object appears at once; a local file is written
+    beside it and renamed."""
+    if storage.is_remote(path):
+        path.write_text(text)
+        return
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
+
+
+def write_outputs(out: str | epath.Path, results: dict, images: dict, info: dict,
+                  kind: str) -> dict:
     from PIL import Image
 
     from snapjax.eval.plots import plot_curves, side_by_side
+    out = storage.path(out)
     out.mkdir(parents=True, exist_ok=True)
     files = {}
     curve = plot_curves(results, kind, out / "curves.png")
@@ -123,12 +141,12 @@ def write_outputs(out: Path, results: dict, images: dict, info: dict, kind: str)
     tags = sorted({tag for _, tag in images})
     for tag in tags:
         rows = {name: imgs for (name, t), imgs in images.items() if t == tag}
-        Image.fromarray(side_by_side(rows)).save(out / f"grid_{tag}.png")
+        png = io.BytesIO()
+        Image.fromarray(side_by_side(rows)).save(png, format="PNG")
+        (out / f"grid_{tag}.png").write_bytes(png.getvalue())
         files[f"grid_{tag}"] = f"grid_{tag}.png"
     doc = {**info, "kind": kind, "files": files, "models": results}
-    tmp = out / "eval.json.tmp"
-    tmp.write_text(json.dumps(doc, indent=1) + "\n")
-    tmp.replace(out / "eval.json")
+    write_text(out / "eval.json", json.dumps(doc, indent=1) + "\n")  # last: the run's record
     return doc
 
 
@@ -151,9 +169,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--prompts", help="real prompts: NAME=FILE for a COCO set "
                         "(coco2014-30k, coco2017-5k, coco-6k), a COCO captions .json or a text file")
     parser.add_argument("--prompt-seed", type=int, default=0, help="seed of the prompt subset")
-    parser.add_argument("--clip-model", help="a local transformers CLIP folder (CLIP score)")
+    parser.add_argument("--clip-model",
+                        help="a transformers CLIP folder, local or gs:// (CLIP score)")
     parser.add_argument("--inception", help="the FID Inception TorchScript file "
-                        "(inception-2015-12-05.pt), local")
+                        "(inception-2015-12-05.pt), local or gs://")
     parser.add_argument("--inception-sha256", help="warn when the Inception file's hash differs")
     parser.add_argument("--reference-images", help="FID's reference images (a folder)")
     parser.add_argument("--out", required=True, help="output folder")
@@ -166,6 +185,7 @@ def run(args: argparse.Namespace) -> int:
     if args.batch_size < 1:
         raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
     folders = parse_models(args.model)
+    storage.check_writable(args.out)  # before the models load, not after the sampling
     pipes = {}
     for name, folder in folders.items():
         pipe = TextToImage.from_pretrained(folder)
@@ -185,7 +205,7 @@ def run(args: argparse.Namespace) -> int:
                                batch_size=args.batch_size, latency=not args.no_latency)
     for name, folder in folders.items():
         results[name]["folder"] = folder
-    doc = write_outputs(Path(args.out), results, images,
+    doc = write_outputs(args.out, results, images,
                         run_info(len(task.prompts), args.seeds), kind)
     print(format_results(results))
     print(f"{doc['samples_per_setting']} samples per setting ({len(task.prompts)} prompts x "

@@ -9,12 +9,15 @@ world's vocabulary, and test fixtures), no download needed.
 from __future__ import annotations
 
 import json
+import os
 import unicodedata
 import warnings
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import numpy as np
+
+from snapjax import storage
 
 BOS = "<|startoftext|>"
 EOS = "<|endoftext|>"
@@ -30,12 +33,13 @@ class Tokenizer:
         self.max_length = max_length
 
     @classmethod
-    def from_folder(cls, path: str | Path, max_length: int | None = None) -> "Tokenizer":
-        """Load a CLIP tokenizer folder (vocab.json, merges.txt, tokenizer_config.json ...).
+    def from_folder(cls, path: str | os.PathLike, max_length: int | None = None) -> "Tokenizer":
+        """Load a CLIP tokenizer folder (vocab.json, merges.txt, tokenizer_config.json ...),
+        local or ``gs://``.
 
         ``max_length`` defaults to the folder's ``model_max_length`` (77 for SD-v1.5).
         """
-        folder = Path(path)
+        folder = storage.path(path)
         if not folder.is_dir():
             raise FileNotFoundError(f"tokenizer folder {folder} does not exist or is not a folder")
         missing = [name for name in VOCAB_FILES if not (folder / name).is_file()]
@@ -46,7 +50,9 @@ class Tokenizer:
                                     "or tokenizer.json)")
         from transformers import CLIPTokenizer  # heavy import, only when a tokenizer is needed
 
-        tok = CLIPTokenizer.from_pretrained(str(folder))
+        # transformers reads local files only: a bucket's folder (a few MB) is copied first.
+        with storage.local_folder(folder) as local:
+            tok = CLIPTokenizer.from_pretrained(str(local))
         if max_length is None:
             max_length = tok.model_max_length
             if max_length > 100_000:  # transformers' "no limit" sentinel: the folder does not say
@@ -56,6 +62,7 @@ class Tokenizer:
 
     def save(self, folder: str | Path) -> Path:
         """Write the tokenizer files (loadable by :meth:`from_folder` and by transformers)."""
+        # local: transformers writes local files; pipelines save into write_folder's local tmp.
         folder = Path(folder)
         self._tok.save_pretrained(str(folder))  # tokenizer.json + tokenizer_config.json
         # transformers 5 writes no vocab.json/merges.txt; older transformers and Apple's
@@ -119,7 +126,7 @@ def write_clip_vocab(folder: str | Path, words: Iterable[str], max_length: int =
     left-to-right merges that spell it, so it usually becomes one token (merges learned for one
     word can split another; any text still tokenizes, byte by byte at worst). Returns the folder.
     """
-    folder = Path(folder)
+    folder = Path(folder)  # local: a folder built here (the world's, tests'), then placed
     folder.mkdir(parents=True, exist_ok=True)
     b2u = bytes_to_unicode()
     byte_chars = list(b2u.values())
