@@ -18,7 +18,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import os
 import signal
 import threading
 from typing import Any
@@ -28,6 +27,8 @@ import jax
 import orbax.checkpoint as ocp
 from etils import epath
 from jax.experimental import multihost_utils
+
+from snapjax import storage
 
 log = logging.getLogger(__name__)
 
@@ -45,15 +46,11 @@ class CheckpointConfig:
             raise ValueError(f"checkpoint.keep must be >= 1, got {self.keep}")
 
 
-def _absolute(path: epath.Path) -> epath.Path:
-    return path if "://" in str(path) else epath.Path(os.path.abspath(path))
-
-
 class TrainCheckpointer:
     """Saves and restores (state, data iterator, config) under ``directory``."""
 
     def __init__(self, directory: str | epath.Path, cfg: CheckpointConfig):
-        self.directory = _absolute(epath.Path(directory))
+        self.directory = storage.path(directory)
         options = ocp.CheckpointManagerOptions(
             max_to_keep=cfg.keep, enable_async_checkpointing=cfg.async_save, create=True,
             # A run killed mid-save leaves a temporary folder: never a checkpoint, remove it.

@@ -88,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0 if not argv or argv[0] in ("-h", "--help") else 2
     try:
         return int(args._run(args) or 0)
-    except (UserError, FileNotFoundError, FileExistsError, ValueError) as e:
+    except (UserError, FileNotFoundError, FileExistsError, PermissionError, ValueError) as e:
         # Our own checks raise these with a message naming the bad input; no traceback needed.
         print(f"snapjax {args.command}: error: {e}", file=sys.stderr)
         return 2

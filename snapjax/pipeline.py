@@ -16,13 +16,13 @@ import dataclasses
 import json
 import os
 from collections.abc import Sequence
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from etils import epath
 
-from snapjax import pretrained, sampling
+from snapjax import pretrained, sampling, storage
 from snapjax.diffusion.schedule import NoiseSchedule, ddim_timesteps
 from snapjax.models.tokenizer import Tokenizer
 
@@ -73,7 +73,7 @@ _PIPELINE_KEYS = {"scheduler", "sample_size", "num_steps", "timesteps", "guidanc
 
 def read_pipeline_file(folder: str | os.PathLike) -> PipelineFile:
     """Read and check ``folder/snapjax_pipeline.json``; errors name the file and the key."""
-    path = Path(folder) / PIPELINE_FILE
+    path = storage.path(folder) / PIPELINE_FILE
     try:
         meta = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as e:
@@ -122,13 +122,15 @@ def read_pipeline_file(folder: str | os.PathLike) -> PipelineFile:
     return file
 
 
-def _check_pipeline_folder(path: Path) -> None:
+def _check_pipeline_folder(path: epath.Path) -> None:
+    storage.check_readable(path, "pipeline folder")
     if not path.is_dir():
         raise FileNotFoundError(f"{path}: not a folder (expected a pipeline folder with "
                                 f"{', '.join(COMPONENTS)} subfolders)")
     if not ((path / PIPELINE_FILE).is_file() or (path / "model_index.json").is_file()):
         raise FileNotFoundError(f"{path}: not a pipeline folder (no {PIPELINE_FILE} or "
-                                "model_index.json)")
+                                "model_index.json; a folder whose write was killed has "
+                                "neither: write it again with --overwrite)")
     missing = [c for c in COMPONENTS if not (path / c).is_dir()]
     if missing:
         raise FileNotFoundError(f"{path}: pipeline folder without {', '.join(m + '/' for m in missing)}")
@@ -155,7 +157,7 @@ class TextToImage:
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, *, dtype=jnp.float32) -> "TextToImage":
         """Load a diffusers or snapjax pipeline folder; ``dtype`` is the compute dtype."""
-        path = Path(path)
+        path = storage.path(path)
         _check_pipeline_folder(path)
         unet, unet_params = pretrained.load_component(path / "unet", "unet", dtype=dtype)
         vae, vae_params = pretrained.load_component(path / "vae", "vae", dtype=dtype)
@@ -184,9 +186,10 @@ class TextToImage:
                    tokenizer=tokenizer, schedule=schedule, sample_size=sample_size,
                    num_steps=num_steps, guidance_scale=guidance_scale)
 
-    def save_pretrained(self, path: str | os.PathLike, *, overwrite: bool = False) -> Path:
-        """Write a snapjax pipeline folder (atomically: a temporary sibling renamed into place)."""
-        def write(tmp: Path) -> None:
+    def save_pretrained(self, path: str | os.PathLike, *, overwrite: bool = False) -> epath.Path:
+        """Write a snapjax pipeline folder, local or ``gs://`` (atomically:
+        :func:`snapjax.pretrained.replace_folder`)."""
+        def write(tmp: epath.Path) -> None:
             for kind, module, params in (("unet", self.unet, self.unet_params),
                                          ("vae", self.vae, self.vae_params),
                                          ("text_encoder", self.text_encoder,
@@ -277,7 +280,7 @@ class TextToImage:
 
 
 def assemble_pipeline(out: str | os.PathLike, base: str | os.PathLike,
-                      replace: dict[str, str | os.PathLike], *, overwrite: bool = False) -> Path:
+                      replace: dict[str, str | os.PathLike], *, overwrite: bool = False) -> epath.Path:
     """Write pipeline folder ``out``: ``base``'s components and sampling defaults with some
     components taken from other model folders (``{"vae": decoder_folder}``), e.g. a distilled
     UNet with a pruned decoder. A VAE must have the latents of the UNet it serves."""
@@ -287,11 +290,11 @@ def assemble_pipeline(out: str | os.PathLike, base: str | os.PathLike,
                          "unet, vae and text_encoder")
     pipe = TextToImage.from_pretrained(base)
     for kind, folder in replace.items():
-        module, params = pretrained.load_component(Path(folder), kind)
+        module, params = pretrained.load_component(folder, kind)
         setattr(pipe, kind, module)
         setattr(pipe, f"{kind}_params", params)
     if pipe.vae.spec.latent_channels != pipe.unet.spec.in_channels:
-        raise ValueError(f"{replace.get('vae', Path(base) / 'vae')}: VAE latents have "
+        raise ValueError(f"{replace.get('vae', storage.path(base) / 'vae')}: VAE latents have "
                          f"{pipe.vae.spec.latent_channels} channels, the UNet of {base} takes "
                          f"{pipe.unet.spec.in_channels}")
     if pipe.text_encoder.spec.width != pipe.unet.spec.context_dim:

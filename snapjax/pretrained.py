@@ -3,22 +3,22 @@
 A model folder holds ``snapjax_model.json`` (``{"kind": "unet"|"vae"|"text_encoder", "spec": {...}}``)
 and ``params/`` (an Orbax StandardCheckpointer tree). Later stages read these and never need
 PyTorch; :func:`load_component` also accepts a diffusers/transformers folder of the same kind.
-Writes go to a temporary sibling folder renamed into place, so a crash never leaves a
-half-written model behind.
+Folders may be local or ``gs://`` (:mod:`snapjax.storage`). Writes go to a temporary folder put
+into place at the end, so a crash never leaves a half-written model that loads.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+from etils import epath
+
+from snapjax import storage
 
 MODEL_FILE = "snapjax_model.json"
 KINDS = ("unet", "vae", "text_encoder")
@@ -52,8 +52,8 @@ def build_module(kind: str, spec: Any, dtype=jnp.float32):
     raise ValueError(f"unknown model kind {kind!r}; expected one of {KINDS}")
 
 
-def is_snapjax_model(folder: str | Path) -> bool:
-    return (Path(folder) / MODEL_FILE).is_file()
+def is_snapjax_model(folder: str | os.PathLike) -> bool:
+    return (storage.path(folder) / MODEL_FILE).is_file()
 
 
 # Depth of replace_folder calls on this process: only the outermost one of a multi-process run
@@ -61,58 +61,44 @@ def is_snapjax_model(folder: str | Path) -> bool:
 _WRITING = [0]
 
 
-def replace_folder(folder: str | Path, write: Callable[[Path], None], *,
-                   overwrite: bool = False) -> Path:
-    """Run ``write(tmp)`` into a temporary sibling of ``folder``, then move it into place.
+def replace_folder(folder: str | os.PathLike, write: Callable[[epath.Path], None], *,
+                   overwrite: bool = False) -> epath.Path:
+    """Run ``write(tmp)`` into a local temporary folder, then put it at ``folder`` (local or
+    ``gs://``) through :func:`snapjax.storage.write_folder`.
 
     Refuses an existing ``folder`` unless ``overwrite``. A failure (or Ctrl-C) part-way leaves
-    neither a half-written folder nor the temporary one behind. In a multi-process run every
-    process calls it with the same ``folder`` (its contents already on the host: ``write``
-    must not run collectives); process 0 writes, and every process returns once it has.
+    neither a half-written folder that loads nor the temporary one behind. In a multi-process
+    run every process calls it with the same ``folder`` (its contents already on the host:
+    ``write`` must not run collectives); process 0 writes, and every process returns once it
+    has, with the folder readable to it.
     """
     if jax.process_count() > 1 and _WRITING[0] == 0:
         from jax.experimental import multihost_utils
         if jax.process_index() == 0:
             try:
                 _WRITING[0] += 1
-                _replace_folder(folder, write, overwrite)
+                storage.write_folder(folder, write, overwrite=overwrite)
             finally:
                 _WRITING[0] -= 1
         # If process 0 failed, it raises and the others time out here with the barrier's error.
         multihost_utils.sync_global_devices(f"snapjax replace_folder {folder}")
-        return Path(folder).absolute()
+        storage.refresh(folder)
+        return storage.path(folder)
     _WRITING[0] += 1
     try:
-        return _replace_folder(folder, write, overwrite)
+        return storage.write_folder(folder, write, overwrite=overwrite)
     finally:
         _WRITING[0] -= 1
 
 
-def _replace_folder(folder: str | Path, write: Callable[[Path], None], overwrite: bool) -> Path:
-    folder = Path(folder).absolute()
-    if folder.exists() and not overwrite:
-        raise FileExistsError(f"{folder} exists; pass --overwrite (overwrite=True) to replace it")
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=folder.parent))
-    try:
-        write(tmp)
-        if folder.exists():
-            shutil.rmtree(folder)
-        os.replace(tmp, folder)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return folder
-
-
-def save_model(folder: str | Path, kind: str, spec: Any, params: Any, *,
-               overwrite: bool = False) -> Path:
+def save_model(folder: str | os.PathLike, kind: str, spec: Any, params: Any, *,
+               overwrite: bool = False) -> epath.Path:
     """Write a model folder atomically; refuses an existing folder unless ``overwrite``."""
     import orbax.checkpoint as ocp
 
     spec_class(kind)  # validates kind
 
-    def write(tmp: Path) -> None:
+    def write(tmp: epath.Path) -> None:
         (tmp / MODEL_FILE).write_text(json.dumps(
             {"kind": kind, "spec": json.loads(spec.to_json())}, indent=1))
         # In a multi-process run only process 0 gets here (replace_folder): Orbax must not
@@ -126,23 +112,26 @@ def save_model(folder: str | Path, kind: str, spec: Any, params: Any, *,
     return replace_folder(folder, write, overwrite=overwrite)
 
 
-def read_model_spec(folder: str | Path) -> tuple[str, Any]:
-    path = Path(folder) / MODEL_FILE
+def read_model_spec(folder: str | os.PathLike) -> tuple[str, Any]:
+    path = storage.path(folder) / MODEL_FILE
     try:
         meta = json.loads(path.read_text())
         kind, spec = meta["kind"], meta["spec"]
     except FileNotFoundError:
-        raise FileNotFoundError(f"{folder}: not a snapjax model folder (no {MODEL_FILE})") from None
+        storage.check_readable(folder, "model folder")
+        raise FileNotFoundError(
+            f"{folder}: not a snapjax model folder (no {MODEL_FILE}; a folder whose write was "
+            f"killed has none: write it again with --overwrite)") from None
     except (json.JSONDecodeError, KeyError, TypeError) as e:
         raise ValueError(f"{path}: malformed model file ({e})") from e
     return kind, spec_class(kind).from_dict(spec)
 
 
-def load_model(folder: str | Path, *, dtype=jnp.float32, expect_kind: str | None = None):
+def load_model(folder: str | os.PathLike, *, dtype=jnp.float32, expect_kind: str | None = None):
     """(module, params) from a snapjax model folder."""
     import orbax.checkpoint as ocp
 
-    folder = Path(folder).absolute()
+    folder = storage.path(folder)
     kind, spec = read_model_spec(folder)
     if expect_kind is not None and kind != expect_kind:
         raise ValueError(f"{folder} holds a {kind!r} model, expected {expect_kind!r}")
@@ -154,6 +143,39 @@ def load_model(folder: str | Path, *, dtype=jnp.float32, expect_kind: str | None
         raise ValueError(f"{folder / 'params'}: cannot restore parameters for this "
                          f"{kind} spec ({type(e).__name__}: {e})") from e
     return module, params
+
+
+def read_back(folder: str | os.PathLike) -> dict[str, int]:
+    """Check that the model folders at ``folder`` (itself, or a pipeline's components) are
+    complete as this process sees them: each spec and its parameters' Orbax metadata read,
+    and every parameter of the spec present. Returns {folder: number of arrays}. Cheap (no
+    array is read), so every process of a run calls it on the folder process 0 wrote."""
+    import orbax.checkpoint as ocp
+
+    root = storage.path(folder)
+    storage.refresh(root)
+    found = [root] if is_snapjax_model(root) else [
+        root / k for k in KINDS if is_snapjax_model(root / k)]
+    if not found:
+        raise FileNotFoundError(f"{root}: no snapjax model folder there (no {MODEL_FILE} in it "
+                                f"or in {', '.join(k + '/' for k in KINDS)})")
+    counts = {}
+    for sub in found:
+        kind, spec = read_model_spec(sub)
+        expected = jax.tree_util.tree_structure(abstract_params(kind, spec))
+        try:
+            meta = ocp.StandardCheckpointer().metadata(sub / "params")
+            tree = getattr(meta, "item_metadata", meta)
+            tree = getattr(tree, "tree", tree)
+            got = jax.tree_util.tree_structure(dict(tree))
+        except Exception as e:  # Orbax raises several types for a missing or damaged tree
+            raise ValueError(f"{sub / 'params'}: cannot read the parameters' metadata "
+                             f"({type(e).__name__}: {e})") from e
+        if got != expected:
+            raise ValueError(f"{sub / 'params'}: its parameter tree differs from the {kind} "
+                             f"spec's in {MODEL_FILE}")
+        counts[str(sub)] = expected.num_leaves
+    return counts
 
 
 def abstract_params(kind: str, spec: Any):
@@ -179,9 +201,9 @@ def example_inputs(kind: str, spec: Any, *, batch: int = 1, size: int | None = N
     raise ValueError(f"unknown model kind {kind!r}")
 
 
-def read_spec(path: str | Path, kind: str) -> Any:
+def read_spec(path: str | os.PathLike, kind: str) -> Any:
     """The spec of a snapjax model folder or of a diffusers/transformers folder, without weights."""
-    path = Path(path)
+    path = storage.path(path)
     if is_snapjax_model(path):
         found, spec = read_model_spec(path)
         if found != kind:
@@ -204,9 +226,9 @@ def read_spec(path: str | Path, kind: str) -> Any:
     return spec_from_transformers_config(config)
 
 
-def load_component(path: str | Path, kind: str, *, dtype=jnp.float32):
+def load_component(path: str | os.PathLike, kind: str, *, dtype=jnp.float32):
     """(module, params) from a snapjax model folder or a diffusers/transformers folder."""
-    path = Path(path)
+    path = storage.check_readable(path, f"{kind} model folder")
     if not path.is_dir():
         raise FileNotFoundError(f"{path}: not a folder (expected a {kind} model folder)")
     if is_snapjax_model(path):
@@ -215,5 +237,7 @@ def load_component(path: str | Path, kind: str, *, dtype=jnp.float32):
     from snapjax import convert
     loader = {"unet": convert.load_unet, "vae": convert.load_vae,
               "text_encoder": convert.load_text_encoder}[kind]
-    module, params = loader(path)
+    # The converters read PyTorch files with local-file libraries: a bucket's folder is copied.
+    with storage.local_folder(path) as local:
+        module, params = loader(local)
     return module.clone(dtype=dtype), params

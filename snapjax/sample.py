@@ -6,15 +6,15 @@ import argparse
 import json
 import re
 import time
-from pathlib import Path
-
 import numpy as np
+
+from snapjax import storage
 
 
 def read_prompts(prompt: list[str] | None, prompts_file: str | None) -> list[str]:
     prompts = list(prompt or [])
     if prompts_file:
-        path = Path(prompts_file)
+        path = storage.path(prompts_file)
         if not path.is_file():
             raise FileNotFoundError(f"--prompts-file {path}: no such file")
         prompts += [line.strip() for line in path.read_text(encoding="utf-8").splitlines()
@@ -61,8 +61,8 @@ def run(args: argparse.Namespace) -> int:
     pipe = TextToImage.from_pretrained(args.model, dtype=getattr(jnp, args.dtype))
     steps = pipe.num_steps if args.steps is None else args.steps
     guidance = pipe.guidance_scale if args.guidance is None else args.guidance
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = storage.path(args.out)
+    storage.check_writable(out)
     images, start = [], time.perf_counter()
     batches = range(0, len(prompts), args.batch_size)
     for b in tqdm(batches, desc=f"sampling {steps} steps, guidance {guidance:g}", unit="batch"):
@@ -74,13 +74,14 @@ def run(args: argparse.Namespace) -> int:
     images = np.concatenate(images)
     seconds = time.perf_counter() - start
     records = []
-    for i, (prompt, image) in enumerate(zip(prompts, images)):
-        name = f"{i:04d}_{_slug(prompt)}.png"
-        Image.fromarray(image).save(out / name)
-        records.append({"file": name, "prompt": prompt})
-    Image.fromarray(image_grid(images)).save(out / "grid.png")
-    (out / "prompts.json").write_text(json.dumps(
-        {"model": str(args.model), "steps": steps, "guidance": guidance,
-         "seed": args.seed, "images": records}, indent=1))
+    with storage.local_output(out) as local:  # a bucket's files are uploaded at the end
+        for i, (prompt, image) in enumerate(zip(prompts, images)):
+            name = f"{i:04d}_{_slug(prompt)}.png"
+            Image.fromarray(image).save(local / name)
+            records.append({"file": name, "prompt": prompt})
+        Image.fromarray(image_grid(images)).save(local / "grid.png")
+        (local / "prompts.json").write_text(json.dumps(
+            {"model": str(args.model), "steps": steps, "guidance": guidance,
+             "seed": args.seed, "images": records}, indent=1))
     print(f"wrote {len(images)} images and grid.png to {out} in {seconds:.1f}s")
     return 0

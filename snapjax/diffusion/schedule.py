@@ -89,8 +89,8 @@ class NoiseSchedule:
         if not isinstance(config, Mapping):
             where = str(config)
             try:
-                with open(config) as f:
-                    config = json.load(f)
+                from snapjax import storage
+                config = json.loads(storage.path(config).read_text())
             except (OSError, json.JSONDecodeError) as e:
                 raise ValueError(f"{where}: cannot read a scheduler config: {e}") from e
             if not isinstance(config, Mapping):

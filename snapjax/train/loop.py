@@ -24,10 +24,9 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-from etils import epath
 
 from snapjax import checkpoint as ckpt_lib
-from snapjax import sharding
+from snapjax import pretrained, sharding, storage
 from snapjax.config import ConfigError, from_config, load_config, to_json
 from snapjax.data.pipeline import make_train_iterator
 from snapjax.sharding import MeshConfig
@@ -149,7 +148,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
                        *, devices=None) -> dict[str, float]:
     """Trains ``config`` in ``workdir`` (resuming from its latest checkpoint), samples and
     evaluates at the end; returns the last logged metrics. ``devices``: default all."""
-    workdir = epath.Path(workdir)
+    workdir = storage.path(workdir)
+    storage.check_writable(workdir)
     ckpt_cfg = from_config(ckpt_lib.CheckpointConfig, config.checkpoint, "checkpoint")
     primary = jax.process_index() == 0
     setup = build_setup(config, devices)
@@ -331,7 +331,13 @@ def _finish(state, frozen, objective, writer, workdir, train, step, last_logged)
     if train.export:
         # Every process: the export gathers the weights to each host (a collective), then
         # pretrained.replace_folder lets process 0 write the folder while the others wait.
-        objective.export(state, epath.Path(workdir) / "model")
+        folder = workdir / "model"
+        objective.export(state, folder)
+        # Every process reads the folder back (specs and parameter metadata): the next stage
+        # runs on all of them, so each must see the whole folder process 0 wrote.
+        arrays = sum(pretrained.read_back(folder).values())
+        log.info("process %d/%d reads back %s: %d arrays", jax.process_index(),
+                 jax.process_count(), folder, arrays)
     writer.flush()
     return out
 

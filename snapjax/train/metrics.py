@@ -9,12 +9,15 @@ from __future__ import annotations
 
 import json
 import math
+import tempfile
 from collections.abc import Mapping
 from typing import Any
 
 import jax
 import numpy as np
 from etils import epath
+
+from snapjax import storage
 
 # Dense bf16 peak TFLOP/s per chip (vendor datasheets). MFU is always against this bf16 peak,
 # whatever the compute dtype. Matched as substrings of ``device.device_kind``, first hit wins.
@@ -81,15 +84,25 @@ def all_finite(metrics: Mapping[str, float]) -> bool:
 
 class MetricsWriter:
     """Appends ``{"step": n, ...}`` lines to ``workdir/metrics.jsonl`` and writes the same
-    scalars (and sample grids) to TensorBoard event files under ``workdir/tensorboard``."""
+    scalars (and sample grids) to TensorBoard event files under ``workdir/tensorboard``.
+
+    A bucket's objects cannot be appended to: for a ``gs://`` workdir the lines are kept here
+    and ``metrics.jsonl`` is rewritten at each write (a small file), and the TensorBoard files
+    are written locally and uploaded at each :meth:`flush` and at :meth:`close`."""
 
     def __init__(self, workdir: str | epath.Path, *, enabled: bool = True):
         self.enabled = enabled
-        self.workdir = epath.Path(workdir)
+        self.workdir = storage.path(workdir)
+        self.remote = storage.is_remote(self.workdir)
         self._tb = None
+        self._lines: list[str] | None = None  # a remote metrics.jsonl's lines
         if enabled:
             self.workdir.mkdir(parents=True, exist_ok=True)
             self.path = self.workdir / "metrics.jsonl"
+            if self.remote:
+                self._lines = (self.path.read_text().splitlines(keepends=True)
+                               if self.path.exists() else [])
+                self._tb_local = epath.Path(tempfile.mkdtemp(prefix="snapjax-tensorboard-"))
 
     def truncate_after(self, step: int) -> None:
         """Drops lines of steps after ``step``: a resumed run rewrites them."""
@@ -103,19 +116,26 @@ class MetricsWriter:
             except json.JSONDecodeError:  # a line cut by a kill
                 continue
         self.path.write_text("".join(k + "\n" for k in keep))
+        if self.remote:
+            self._lines = [k + "\n" for k in keep]
 
     def _writer(self):
         if self._tb is None:
             from tensorboardX import SummaryWriter
-            self._tb = SummaryWriter(str(self.workdir / "tensorboard"))
+            self._tb = SummaryWriter(str(self._tb_local if self.remote
+                                         else self.workdir / "tensorboard"))
         return self._tb
 
     def write(self, step: int, scalars: Mapping[str, float]) -> None:
         if not self.enabled:
             return
         record = {"step": int(step), **{k: float(v) for k, v in scalars.items()}}
-        with self.path.open("a") as f:
-            f.write(json.dumps(record) + "\n")
+        if self.remote:
+            self._lines.append(json.dumps(record) + "\n")
+            self.path.write_text("".join(self._lines))
+        else:
+            with self.path.open("a") as f:
+                f.write(json.dumps(record) + "\n")
         tb = self._writer()
         for k, v in scalars.items():
             tb.add_scalar(k, float(v), int(step))
@@ -139,8 +159,14 @@ class MetricsWriter:
     def flush(self) -> None:
         if self._tb is not None:
             self._tb.flush()
+            self._upload_tensorboard()
 
     def close(self) -> None:
         if self._tb is not None:
             self._tb.close()
             self._tb = None
+            self._upload_tensorboard()
+
+    def _upload_tensorboard(self) -> None:
+        if self.remote:
+            storage.upload(self._tb_local, self.workdir / "tensorboard")
