@@ -10,6 +10,7 @@ into place at the end, so a crash never leaves a half-written model that loads.
 from __future__ import annotations
 
 import json
+import logging
 import os
 from collections.abc import Callable
 from typing import Any
@@ -19,6 +20,8 @@ import jax.numpy as jnp
 from etils import epath
 
 from snapjax import storage
+
+log = logging.getLogger(__name__)
 
 MODEL_FILE = "snapjax_model.json"
 KINDS = ("unet", "vae", "text_encoder")
@@ -75,11 +78,15 @@ def replace_folder(folder: str | os.PathLike, write: Callable[[epath.Path], None
     if jax.process_count() > 1 and _WRITING[0] == 0:
         from jax.experimental import multihost_utils
         if jax.process_index() == 0:
+            log.info("process 0/%d writes %s", jax.process_count(), folder)
             try:
                 _WRITING[0] += 1
                 storage.write_folder(folder, write, overwrite=overwrite)
             finally:
                 _WRITING[0] -= 1
+        else:
+            log.info("process %d/%d waits for process 0, which writes %s", jax.process_index(),
+                     jax.process_count(), folder)
         # If process 0 failed, it raises and the others time out here with the barrier's error.
         multihost_utils.sync_global_devices(f"snapjax replace_folder {folder}")
         storage.refresh(folder)
