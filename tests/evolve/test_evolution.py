@@ -3,7 +3,10 @@
 
 import dataclasses
 import json
+import os
+import signal
 
+import jax
 import numpy as np
 import pytest
 
@@ -137,7 +140,8 @@ def compile_cache(tmp_path):
         jax.config.update(k, v)
 
 
-def test_evolve_end_to_end_and_resume(tiny_teacher, tmp_path, compile_cache):
+def test_evolve_end_to_end_resume_and_preemption(tiny_teacher, tmp_path, compile_cache,
+                                                  monkeypatch):
     from snapjax.evolve.run import run_evolution
     from snapjax.pipeline import TextToImage
 
@@ -165,6 +169,35 @@ def test_evolve_end_to_end_and_resume(tiny_teacher, tmp_path, compile_cache):
         [(r["round"], r["action"], r["block"]) for r in rows]
     assert again[-1]["quality/neg_loss"] == pytest.approx(rows[-1]["quality/neg_loss"], rel=1e-5)
     assert resumed["blocks"] == summary["blocks"]
+
+    # A SIGTERM during round 1's training (step 3 of 4): the run saves and stops; the same
+    # command then finishes that round's training and ends where the uninterrupted run does.
+    from snapjax.evolve import run as evolve_run
+
+    real_step = evolve_run._SpecTrainer.step
+    sent = []
+
+    def step(self, state, batch, rng):
+        out = real_step(self, state, batch, rng)
+        if int(out[0].step) == 3 and not sent:
+            sent.append(True)
+            os.kill(os.getpid(), signal.SIGTERM)  # caught by the run's PreemptionWatch
+        return out
+
+    monkeypatch.setattr(evolve_run._SpecTrainer, "step", step)
+    cut = tmp_path / "preempted"
+    assert evolve_run.run_evolution(evolve_config(tiny_teacher, 2), str(cut)) == \
+        {"preempted": True}
+    assert sent and not (cut / "model").exists()
+    resumed = evolve_run.run_evolution(evolve_config(tiny_teacher, 2), str(cut))
+    again = [json.loads(line) for line in (cut / "evolution.jsonl").read_text().splitlines()]
+    assert [(r["round"], r["action"], r["block"]) for r in again] == \
+        [(r["round"], r["action"], r["block"]) for r in rows]
+    assert resumed["blocks"] == summary["blocks"]
+    a = TextToImage.from_pretrained(whole / "model").unet_params
+    b = TextToImage.from_pretrained(cut / "model").unet_params
+    same = jax.tree.map(lambda x, y: np.allclose(x, y, rtol=1e-6, atol=1e-7), a, b)
+    assert all(jax.tree.leaves(same))  # the same training steps after the resume
 
 
 def test_score_blocks_reports_every_block_over_seeds(tiny_teacher, tmp_path, capsys):

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import signal
 
 import flax.linen as nn
 import jax
@@ -27,7 +28,7 @@ from snapjax.diffusion import distill
 from snapjax.diffusion.schedule import NoiseSchedule
 from snapjax.train import objectives, optim, steps
 from tests.export.tiny_models import random_params
-from tests.train.conftest import (REPO, kill, losses, run_train, start_train, train_env,
+from tests.train.conftest import (REPO, checkpoint_steps, kill, losses, run_train, start_train, train_env,
                                   wait_for_step)
 from tests.train.test_sharded_step import assert_sharded_matches_single_device, run_sharded
 
@@ -236,26 +237,34 @@ def latents(teacher):
     return folder
 
 
-def test_killed_and_resumed_run_gives_the_same_losses(teacher, latents, jax_cache):
+def test_preempted_and_resumed_run_gives_the_same_losses(teacher, latents, jax_cache):
+    steps = 16
     overrides = ["--config.data.source=prepared", f"--config.data.path={latents}",
                  "--config.data.resolution=16", "--config.data.num_threads=1",
                  f"--config.distill.teacher={teacher / 'teacher'}",
                  "--config.distill.cfg_prob=0.5", "--config.train.batch_size=4",
-                 "--config.train.steps=6", "--config.train.log_every=1",
+                 f"--config.train.steps={steps}", "--config.train.log_every=1",
                  "--config.train.progress_bar=false", "--config.train.export=false",
-                 "--config.checkpoint.every_steps=3", "--config.opt.warmup_steps=0"]
+                 # no periodic save: the only checkpoint is the preemption's
+                 "--config.checkpoint.every_steps=1000", "--config.opt.warmup_steps=0"]
     env = train_env(jax_cache)
     config = "configs/world_distill.py"
     run_train(teacher / "straight", *overrides, env=env, config=config)
     proc = start_train(teacher / "killed", *overrides, "--config.checkpoint.async_save=false",
                        env=env, config=config)
-    wait_for_step(proc, teacher / "killed", 4)
-    kill(proc)
-    run_train(teacher / "killed", *overrides, env=env, config=config)
+    wait_for_step(proc, teacher / "killed", 3)
+    kill(proc, signal.SIGTERM)  # a preemption: finish the step, save it, exit 0
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0 and "SIGTERM" in err, err[-3000:]
+    saved = checkpoint_steps(teacher / "killed")
+    assert len(saved) == 1 and 3 <= saved[0] < steps, saved
+    saved = saved[0]
+    out = run_train(teacher / "killed", *overrides, env=env, config=config)
+    assert f"resumed from step {saved}" in out.stderr
     straight, resumed = losses(teacher / "straight"), losses(teacher / "killed")
-    assert sorted(resumed) == sorted(straight) == list(range(1, 7))
-    np.testing.assert_allclose([resumed[s] for s in range(1, 7)],
-                               [straight[s] for s in range(1, 7)], rtol=1e-6)
+    assert sorted(resumed) == sorted(straight) == list(range(1, steps + 1))
+    np.testing.assert_allclose([resumed[s] for s in range(1, steps + 1)],
+                               [straight[s] for s in range(1, steps + 1)], rtol=1e-6)
 
 
 def test_a_student_with_another_text_encoder_is_refused(teacher, tmp_path):
