@@ -48,6 +48,7 @@ def _plugin_help(module: str) -> str:
     """The first line of a plugin module's docstring, read without importing the module."""
     try:
         spec = importlib.util.find_spec(module)
+        # local: a module file of an installed package
         doc = ast.get_docstring(ast.parse(Path(spec.origin).read_text(encoding="utf-8")))
     except (ImportError, AttributeError, TypeError, OSError, SyntaxError):
         doc = None

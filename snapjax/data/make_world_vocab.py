@@ -86,7 +86,7 @@ def build_vocab(words: tuple[str, ...]) -> tuple[dict[str, int], list[tuple[str,
 
 def write_world_vocab(folder: pathlib.Path) -> None:
     """Writes vocab.json, merges.txt, tokenizer_config.json and special_tokens_map.json."""
-    folder = pathlib.Path(folder)
+    folder = pathlib.Path(folder)  # local: the package's asset folder (a maintainer's tool)
     folder.mkdir(parents=True, exist_ok=True)
     vocab, merges = build_vocab(WORLD_WORDS)
     (folder / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False, indent=0) + "\n",
@@ -102,7 +102,7 @@ def write_world_vocab(folder: pathlib.Path) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
-    folder = pathlib.Path(argv[0]) if argv else world_tokenizer_folder()
+    folder = pathlib.Path(argv[0]) if argv else world_tokenizer_folder()  # local, as above
     write_world_vocab(folder)
     print(f"wrote the world tokenizer ({len(WORLD_WORDS)} words) to {folder}")
 

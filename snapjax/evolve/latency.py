@@ -27,12 +27,12 @@ import math
 import os
 import time
 from collections.abc import Iterator, Mapping
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from snapjax import storage
 from snapjax.evolve.signature import CONTEXT_LENGTH, block_side, block_signature
 from snapjax.flops import matmul_flops
 from snapjax.models.layers import ResnetBlock
@@ -235,7 +235,7 @@ def _cost_value(value, path: str, key: str) -> float:
 
 def read_latency_json(path: str | os.PathLike) -> dict:
     """The checked contents of a latency JSON file; errors name the file and the key."""
-    path = Path(path)
+    path = storage.path(path)
     if not path.is_file():
         raise ValueError(f"latency source {str(path)!r} is neither {' nor '.join(BUILTIN_SOURCES)}"
                          " nor an existing JSON file")

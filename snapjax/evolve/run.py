@@ -29,6 +29,7 @@ import ml_collections
 import numpy as np
 from etils import epath
 
+from snapjax import storage
 from snapjax import checkpoint as ckpt_lib
 from snapjax import pretrained, sharding
 from snapjax.config import ConfigError, as_config, from_config, to_json
@@ -124,7 +125,8 @@ def run_evolution(config: ml_collections.ConfigDict, workdir: str) -> dict:
     from snapjax.train import loop, objectives, state as state_lib
 
     t_start = time.perf_counter()
-    workdir = epath.Path(workdir)
+    workdir = storage.path(workdir)
+    storage.check_writable(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     cfg = from_config(EvolveConfig, config.evolve, "evolve")
     prompts = _clip_inputs(cfg)

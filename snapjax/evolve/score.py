@@ -14,10 +14,10 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-from pathlib import Path
 
 import numpy as np
 
+from snapjax import storage
 from snapjax.evolve.evolution import score_blocks
 from snapjax.evolve.latency import latency_table
 from snapjax.evolve.quality import build_measure
@@ -108,5 +108,5 @@ def run(args: argparse.Namespace) -> int:
                                seeds=tuple(args.seeds), blocks=not args.no_blocks)
     print(format_scores(result))
     if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=1) + "\n")
+        storage.path(args.json).write_text(json.dumps(result, indent=1) + "\n")
     return 0

@@ -31,6 +31,7 @@ import logging
 import pathlib
 import time
 
+from snapjax import storage
 from snapjax.config import ConfigError, load_config
 
 log = logging.getLogger(__name__)
@@ -88,7 +89,7 @@ def run_chain(config_path: str, workdir: str | pathlib.Path, stages: list[Stage]
     """Train the stages in order (skipping finished ones); returns one record per stage."""
     from snapjax.train.loop import train_and_evaluate
 
-    workdir = pathlib.Path(workdir)
+    workdir = storage.path(workdir)
     folders = {s.name: workdir / s.name / "model" for s in stages}
     records = []
     for i, stage in enumerate(stages):
@@ -168,7 +169,7 @@ def run(args: argparse.Namespace) -> int:
     records = run_chain(args.config, args.workdir, stages, every, last)
     import jax
     if jax.process_index() == 0:
-        workdir = pathlib.Path(args.workdir)
+        workdir = storage.path(args.workdir)
         workdir.mkdir(parents=True, exist_ok=True)
         (workdir / f"chain_{args.schedule}.json").write_text(json.dumps(
             {"schedule": args.schedule, "config": args.config, "stages": records}, indent=1) + "\n")

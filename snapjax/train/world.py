@@ -340,6 +340,15 @@ def run_world(workdir: str | pathlib.Path, *, stages: Sequence[str] | None = Non
               overrides: Mapping[str, Sequence[str]] | None = None) -> dict:
     """Run ``stages`` (default: all but the ablations) in order, skipping finished ones;
     returns chain.json's records (stage -> seconds, outputs, whether this call ran it)."""
+    from snapjax import storage
+    if storage.is_remote(workdir):
+        # The embedded world's chain is the one-machine CPU job (its report, plots and the
+        # reader's cache use local files); a pod runs the stages' own commands, which take
+        # gs:// folders (docs/sd15_chain.md).
+        raise ValueError(f"snapjax world --workdir {workdir}: the world chain runs on local "
+                         "folders; copy its outputs to a bucket afterwards, or run the stages' "
+                         "own commands (snapjax train / evolve / eval), which take gs:// folders")
+    # local: refused above for gs://
     chain = Chain(pathlib.Path(workdir), config or load_config(config_path("world_chain.py")),
                   dict(overrides or {}))
     unknown = sorted(set(chain.overrides) - set(STAGE_CONFIGS))
@@ -434,7 +443,7 @@ def run(args: argparse.Namespace) -> int:
         return 1
     print("stage times:")
     print(format_times(records))
-    report = pathlib.Path(args.workdir) / "REPORT.md"
+    report = pathlib.Path(args.workdir) / "REPORT.md"  # local: run_world refuses gs://
     if "report" in records and report.is_file():
         print(f"report: {report}")
     return 0

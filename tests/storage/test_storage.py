@@ -75,3 +75,9 @@ def test_missing_bucket_and_no_permission(gcs_emulator):
         storage.check_readable("gs://locked/model")
     with pytest.raises(FileNotFoundError, match="gs://snapjax-test/nothing/here: no such model"):
         storage.check_readable("gs://snapjax-test/nothing/here", "model folder")
+
+
+def test_world_chain_refuses_a_bucket():
+    from snapjax.train.world import run_world
+    with pytest.raises(ValueError, match="gs://b/world: the world chain runs on local folders"):
+        run_world("gs://b/world")

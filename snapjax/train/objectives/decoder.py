@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from snapjax import storage
 from snapjax import pretrained, sampling
 from snapjax.config import ConfigError, from_config
 from snapjax.models import prune
@@ -76,7 +77,7 @@ class DecoderDistillConfig:
 def teacher_vae_folder(path: str) -> tuple[pathlib.Path, bool]:
     """(the teacher's VAE folder, whether ``path`` is a whole pipeline folder)."""
     from snapjax.pipeline import PIPELINE_FILE
-    folder = pathlib.Path(path)
+    folder = storage.path(path)
     if not folder.is_dir():
         raise ConfigError(f"decoder.teacher={path}: not a folder (expected the teacher's "
                           "pipeline folder or its VAE folder)")

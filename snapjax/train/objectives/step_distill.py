@@ -18,11 +18,11 @@ from __future__ import annotations
 import dataclasses
 import functools
 import logging
-import pathlib
 
 import jax
 import numpy as np
 
+from snapjax import storage
 from snapjax import pretrained
 from snapjax.config import ConfigError, from_config
 from snapjax.diffusion import distill
@@ -112,7 +112,7 @@ class StepDistillConfig:
 
 
 def _unet_folder(path: str, what: str) -> str:
-    folder = pathlib.Path(path)
+    folder = storage.path(path)
     if (folder / "unet").is_dir():
         return str(folder / "unet")
     if pretrained.is_snapjax_model(folder) or (folder / "config.json").is_file():
@@ -124,7 +124,7 @@ def _unet_folder(path: str, what: str) -> str:
 def _schedule(folder: str) -> NoiseSchedule | None:
     """The schedule a pipeline folder records (None for a bare model folder)."""
     from snapjax.pipeline import PIPELINE_FILE, read_pipeline_file
-    path = pathlib.Path(folder)
+    path = storage.path(folder)
     if (path / PIPELINE_FILE).is_file():
         return read_pipeline_file(path).schedule
     config = path / "scheduler" / "scheduler_config.json"
@@ -147,7 +147,7 @@ def _same_noise(a: NoiseSchedule, b: NoiseSchedule) -> bool:
 def _pipeline_meta(cfg: StepDistillConfig):
     """(teacher schedule, student schedule, teacher's guidance scale)."""
     from snapjax.pipeline import PIPELINE_FILE, read_pipeline_file
-    teacher_folder = pathlib.Path(cfg.teacher)
+    teacher_folder = storage.path(cfg.teacher)
     if not teacher_folder.is_dir():
         raise ConfigError(f"distill.teacher={cfg.teacher}: not a folder (expected the teacher's "
                           "pipeline folder)")
@@ -274,7 +274,7 @@ def _model_paths(cfg: StepDistillConfig) -> dict:
     paths = {"unet_init": _unet_folder(student, "student_init") if student else ""}
     if not cfg.teacher:
         return {**paths, "vae": "", "text_encoder": "", "tokenizer": ""}
-    teacher_dir = pathlib.Path(cfg.teacher)
+    teacher_dir = storage.path(cfg.teacher)
     return {**paths, "vae": str(teacher_dir / "vae"),
             "text_encoder": str(teacher_dir / "text_encoder"),
             "tokenizer": str(teacher_dir / "tokenizer")}
@@ -331,9 +331,9 @@ def _check_pair(cfg: StepDistillConfig, teacher_spec, models) -> None:
                           f"and the student {student.context_dim}: they must share a text encoder")
     if not cfg.student_init:
         return
-    student_text = pathlib.Path(cfg.student_init) / "text_encoder"
-    teacher_text = pathlib.Path(cfg.teacher) / "text_encoder"
-    if student_text.is_dir() and student_text.resolve() != teacher_text.resolve():
+    student_text = storage.path(cfg.student_init) / "text_encoder"
+    teacher_text = storage.path(cfg.teacher) / "text_encoder"
+    if student_text.is_dir() and str(student_text) != str(teacher_text):
         kind_a, spec_a = pretrained.read_model_spec(student_text) \
             if pretrained.is_snapjax_model(student_text) else (None, None)
         kind_b, spec_b = pretrained.read_model_spec(teacher_text) \
