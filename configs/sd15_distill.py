@@ -10,8 +10,8 @@
 # The progressive alternative, SD-v1.5 32 -> 16 -> 8:
 # bash launch/tpu.sh snapjax distill --config configs/sd15_distill.py --workdir runs/sd15_progressive \
 #     --teacher models/sd15_v --teacher-steps 32 --schedule progressive
-# (one 8-GPU host: --config configs/sd15_distill.py:gpu. snapjax distill reads its folders with
-#  pathlib, so on a multi-host slice --workdir is a filesystem every worker mounts, not gs://.)
+# (one 8-GPU host: --config configs/sd15_distill.py:gpu. On a slice, --workdir, --teacher and
+#  --student may be gs:// folders, docs/storage.md.)
 # 32 -> 16 nests on SD's 1000 timesteps because step distillation lands each DDIM step on the
 # grid's next timestep (NoiseSchedule.ddim_landing='next'; diffusers' t - 1000 // 32 would not).
 #

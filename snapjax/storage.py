@@ -242,3 +242,14 @@ def local_output(folder: str | os.PathLike) -> Iterator[epath.Path]:
             upload(tmp, p)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def append_text(file: str | os.PathLike, text: str) -> None:
+    """Append ``text`` to ``file``. A bucket's objects cannot be appended to: there the file is
+    read and written again whole (for small logs such as evolution.jsonl)."""
+    p = path(file)
+    if is_remote(p):
+        p.write_text((p.read_text() if p.exists() else "") + text)
+    else:
+        with p.open("a") as f:
+            f.write(text)

@@ -157,6 +157,7 @@ def run_evolution(config: ml_collections.ConfigDict, workdir: str) -> dict:
     init_rng, step_rng = jax.random.split(jax.random.key(start_setup.train.seed))
     base_json = to_json(config)
     rows_path = workdir / "evolution.jsonl"
+    primary = jax.process_index() == 0
     preemption = ckpt_lib.PreemptionWatch()
     try:
         with jax.set_mesh(mesh):
@@ -167,7 +168,8 @@ def run_evolution(config: ml_collections.ConfigDict, workdir: str) -> dict:
                     objective.init_params, start_setup.optimizer, init_rng, mesh, mesh_cfg,
                     objective.pretrained)
                 spec, done_round, round_end, final = start_spec, -1, 0, False
-                rows_path.write_text("")
+                if primary:  # one writer of the shared log
+                    rows_path.write_text("")
                 trainer = None
             else:
                 saved = checkpointer.saved_config(latest)[STATE_KEY]
@@ -176,7 +178,8 @@ def run_evolution(config: ml_collections.ConfigDict, workdir: str) -> dict:
                 final = saved.get("final", False)
                 trainer = _SpecTrainer(config, spec)
                 state = checkpointer.restore(latest, trainer.abstract_state, data)
-                _truncate_rows(rows_path, done_round)
+                if primary:
+                    _truncate_rows(rows_path, done_round)
                 log.info("resumed evolution after round %d at step %d: %d blocks", done_round,
                          latest, spec.num_blocks)
             step_rng = jax.device_put(step_rng, sharding.replicated(mesh))
@@ -218,9 +221,10 @@ def run_evolution(config: ml_collections.ConfigDict, workdir: str) -> dict:
                 result = evolution.evolution_round(
                     r, spec, state.ema_params["unet"], unet=UNet(spec), measure=measure,
                     table=table, target=target, cfg=cfg)
-                with rows_path.open("a") as f:
-                    for row in result.rows():
-                        f.write(json.dumps({**row, "step": int(state.step)}) + "\n")
+                if primary:
+                    storage.append_text(rows_path, "".join(
+                        json.dumps({**row, "step": int(state.step)}) + "\n"
+                        for row in result.rows()))
                 log.info("round %d: latency %.4g -> %.4g %s, %s %.4f, actions %s", r,
                          result.latency, result.latency_after, table.unit, measure.key,
                          result.quality[measure.key], [a[:2] for a in result.actions])
@@ -314,7 +318,8 @@ def plot_rounds(rows_path, out_path, quality_key: str, unit: str) -> None:
     ax.set_title("architecture evolution, by round")
     ax.invert_xaxis()
     fig.tight_layout()
-    fig.savefig(str(out_path))
+    with storage.path(out_path).open("wb") as f:  # a bucket's file too
+        fig.savefig(f, format="png")
     plt.close(fig)
 
 
