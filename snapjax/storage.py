@@ -125,7 +125,7 @@ def check_readable(folder: str | os.PathLike, what: str = "folder") -> epath.Pat
         if is_remote(folder) and not bucket_exists(folder):
             raise FileNotFoundError(f"{folder}: bucket gs://{bucket_of(folder)} does not exist")
         if not p.exists():
-            raise FileNotFoundError(f"{folder}: no such {what}")
+            raise FileNotFoundError(f"{folder}: not a folder (no such {what})")
     return p
 
 

@@ -73,7 +73,8 @@ def test_missing_bucket_and_no_permission(gcs_emulator):
         storage.check_writable("gs://locked/run")
     with pytest.raises(PermissionError, match="gs://locked/model: no permission to read"):
         storage.check_readable("gs://locked/model")
-    with pytest.raises(FileNotFoundError, match="gs://snapjax-test/nothing/here: no such model"):
+    with pytest.raises(FileNotFoundError,
+                       match=r"gs://snapjax-test/nothing/here: not a folder \(no such model folder"):
         storage.check_readable("gs://snapjax-test/nothing/here", "model folder")
 
 

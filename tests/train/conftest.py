@@ -16,6 +16,7 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
@@ -114,3 +115,22 @@ def free_port() -> int:
 
 def kill(proc: subprocess.Popen, sig=signal.SIGKILL) -> None:
     proc.send_signal(sig)
+
+
+def preempt_and_resume(tmp_path, overrides, env, config: str, steps: int) -> None:
+    """An uninterrupted run and one SIGTERM'd at step >= 3 (its only checkpoint the
+    preemption's: pass a large checkpoint.every_steps), then resumed, log the same losses."""
+    run_train(tmp_path / "straight", *overrides, env=env, config=config)
+    proc = start_train(tmp_path / "preempted", *overrides, env=env, config=config)
+    wait_for_step(proc, tmp_path / "preempted", 3)
+    kill(proc, signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0 and "SIGTERM" in err, err[-3000:]
+    saved = checkpoint_steps(tmp_path / "preempted")
+    assert len(saved) == 1 and 3 <= saved[0] < steps, saved  # the preemption save alone
+    out = run_train(tmp_path / "preempted", *overrides, env=env, config=config)
+    assert f"resumed from step {saved[0]}" in out.stderr
+    straight, resumed = losses(tmp_path / "straight"), losses(tmp_path / "preempted")
+    assert sorted(resumed) == sorted(straight) == list(range(1, steps + 1))
+    np.testing.assert_allclose([resumed[s] for s in range(1, steps + 1)],
+                               [straight[s] for s in range(1, steps + 1)], rtol=1e-6)

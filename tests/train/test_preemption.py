@@ -6,33 +6,11 @@ block-drop masks included). Step distillation's and evolution's are in their own
 
 from __future__ import annotations
 
-import signal
-
-import numpy as np
 import pytest
 
-from tests.train.conftest import (checkpoint_steps, kill, losses, run_train, start_train,
-                                  train_env, wait_for_step)
+from tests.train.conftest import preempt_and_resume, train_env
 
 STEPS = 16
-
-
-def _preempt_and_resume(tmp_path, overrides, env, config):
-    """Losses of an uninterrupted run and of one SIGTERM'd at step >= 3, then resumed."""
-    run_train(tmp_path / "straight", *overrides, env=env, config=config)
-    proc = start_train(tmp_path / "preempted", *overrides, env=env, config=config)
-    wait_for_step(proc, tmp_path / "preempted", 3)
-    kill(proc, signal.SIGTERM)
-    _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 0 and "SIGTERM" in err, err[-3000:]
-    saved = checkpoint_steps(tmp_path / "preempted")
-    assert len(saved) == 1 and 3 <= saved[0] < STEPS, saved  # the preemption save alone
-    out = run_train(tmp_path / "preempted", *overrides, env=env, config=config)
-    assert f"resumed from step {saved[0]}" in out.stderr
-    straight, resumed = losses(tmp_path / "straight"), losses(tmp_path / "preempted")
-    assert sorted(resumed) == sorted(straight) == list(range(1, STEPS + 1))
-    np.testing.assert_allclose([resumed[s] for s in range(1, STEPS + 1)],
-                               [straight[s] for s in range(1, STEPS + 1)], rtol=1e-6)
 
 
 COMMON = ["--config.train.batch_size=4", f"--config.train.steps={STEPS}",
@@ -55,7 +33,8 @@ def test_robust_training_preempted_and_resumed(tiny_teacher, tmp_path, jax_cache
                  "--config.diffusion.eval_samples=0", "--config.diffusion.sample_steps=1",
                  # every block dropped often: a mask drawn differently would change the loss
                  "--config.robust.keep_prob_resnet=0.5", "--config.robust.keep_prob_attention=0.5"]
-    _preempt_and_resume(tmp_path, overrides, train_env(jax_cache), "configs/world_robust.py")
+    preempt_and_resume(tmp_path, overrides, train_env(jax_cache), "configs/world_robust.py",
+                       STEPS)
 
 
 def test_decoder_distillation_preempted_and_resumed(tiny_teacher, tmp_path, jax_cache):
@@ -69,4 +48,5 @@ def test_decoder_distillation_preempted_and_resumed(tiny_teacher, tmp_path, jax_
                  f"--config.decoder.teacher={tiny_teacher}",
                  f"--config.decoder.eval_latents={tmp_path / 'heldout'}",
                  "--config.decoder.eval_count=4", "--config.decoder.num_samples=2"]
-    _preempt_and_resume(tmp_path, overrides, train_env(jax_cache), "configs/world_decoder.py")
+    preempt_and_resume(tmp_path, overrides, train_env(jax_cache), "configs/world_decoder.py",
+                       STEPS)

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import signal
 
 import flax.linen as nn
 import jax
@@ -28,8 +27,7 @@ from snapjax.diffusion import distill
 from snapjax.diffusion.schedule import NoiseSchedule
 from snapjax.train import objectives, optim, steps
 from tests.export.tiny_models import random_params
-from tests.train.conftest import (REPO, checkpoint_steps, kill, losses, run_train, start_train, train_env,
-                                  wait_for_step)
+from tests.train.conftest import REPO, preempt_and_resume, train_env
 from tests.train.test_sharded_step import assert_sharded_matches_single_device, run_sharded
 
 
@@ -245,26 +243,9 @@ def test_preempted_and_resumed_run_gives_the_same_losses(teacher, latents, jax_c
                  "--config.distill.cfg_prob=0.5", "--config.train.batch_size=4",
                  f"--config.train.steps={steps}", "--config.train.log_every=1",
                  "--config.train.progress_bar=false", "--config.train.export=false",
-                 # no periodic save: the only checkpoint is the preemption's
                  "--config.checkpoint.every_steps=1000", "--config.opt.warmup_steps=0"]
-    env = train_env(jax_cache)
-    config = "configs/world_distill.py"
-    run_train(teacher / "straight", *overrides, env=env, config=config)
-    proc = start_train(teacher / "killed", *overrides, "--config.checkpoint.async_save=false",
-                       env=env, config=config)
-    wait_for_step(proc, teacher / "killed", 3)
-    kill(proc, signal.SIGTERM)  # a preemption: finish the step, save it, exit 0
-    _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 0 and "SIGTERM" in err, err[-3000:]
-    saved = checkpoint_steps(teacher / "killed")
-    assert len(saved) == 1 and 3 <= saved[0] < steps, saved
-    saved = saved[0]
-    out = run_train(teacher / "killed", *overrides, env=env, config=config)
-    assert f"resumed from step {saved}" in out.stderr
-    straight, resumed = losses(teacher / "straight"), losses(teacher / "killed")
-    assert sorted(resumed) == sorted(straight) == list(range(1, steps + 1))
-    np.testing.assert_allclose([resumed[s] for s in range(1, steps + 1)],
-                               [straight[s] for s in range(1, steps + 1)], rtol=1e-6)
+    preempt_and_resume(teacher / "preemption", overrides, train_env(jax_cache),
+                       "configs/world_distill.py", steps)
 
 
 def test_a_student_with_another_text_encoder_is_refused(teacher, tmp_path):
