@@ -62,6 +62,11 @@ def configure_emulator() -> None:
     # An emulator takes any token; without one tensorstore asks the metadata server.
     os.environ.setdefault("GOOGLE_AUTH_TOKEN_FOR_TESTING", "emulator")
     os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
+    import sys
+    if "gcsfs" in sys.modules:  # imported before the variable was set: use the plain one
+        import fsspec
+        import gcsfs.core
+        fsspec.register_implementation("gs", gcsfs.core.GCSFileSystem, clobber=True)
 
 
 def bucket_of(p: str | os.PathLike) -> str:

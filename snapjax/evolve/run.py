@@ -305,7 +305,7 @@ def plot_rounds(rows_path, out_path, quality_key: str, unit: str) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    rows = [json.loads(line) for line in epath.Path(rows_path).read_text().splitlines() if line]
+    rows = [json.loads(line) for line in storage.path(rows_path).read_text().splitlines() if line]
     per_round = {r["round"]: r for r in rows}
     xs = [r["latency"] for r in per_round.values()]
     ys = [r[f"quality/{quality_key}"] for r in per_round.values()]

@@ -188,3 +188,4 @@ def test_prepared_shards_in_bucket(bucket):
     with pytest.raises(FileExistsError, match="not empty; pass --overwrite"):
         prepare(world, url, STAND_IN, limit=2, resolution=R, progress=False)
     assert os.environ["STORAGE_EMULATOR_HOST"] == bucket.endpoint
+

@@ -82,3 +82,19 @@ def test_world_chain_refuses_a_bucket():
     from snapjax.train.world import run_world
     with pytest.raises(ValueError, match="gs://b/world: the world chain runs on local folders"):
         run_world("gs://b/world")
+
+
+def test_logs_and_plots_into_a_bucket(bucket):
+    """What evolution writes besides checkpoints and folders: an appended log and its plot."""
+    import json
+
+    from snapjax.evolve.run import plot_rounds
+    rows = storage.path(bucket.url("evolve")) / "evolution.jsonl"
+    for r in range(2):
+        storage.append_text(rows, json.dumps({"round": r, "action": "remove", "block": f"b{r}",
+                                              "latency": 1.0 - r / 4, "latency_after": 0.9 - r / 4,
+                                              "quality/neg_loss": -r}) + "\n")
+    assert [json.loads(line)["round"] for line in rows.read_text().splitlines()] == [0, 1]
+    png = storage.path(bucket.url("evolve")) / "evolution.png"
+    plot_rounds(rows, png, "neg_loss", "ms")
+    assert png.read_bytes()[:4] == b"\x89PNG"
