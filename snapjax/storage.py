@@ -115,12 +115,13 @@ def check_writable(folder: str | os.PathLike) -> None:
     one without permission), rather than deep inside a checkpoint write later."""
     if not is_remote(folder):
         return
-    probe = path(folder) / f".snapjax-write-check-{os.getpid()}"
+    import socket  # every process of a pod probes: a name of its own
+    probe = path(folder) / f".snapjax-write-check-{socket.gethostname()}-{os.getpid()}"
     with clear_errors(folder, "write"):
         if not bucket_exists(folder):
             raise FileNotFoundError(f"{folder}: bucket gs://{bucket_of(folder)} does not exist")
         probe.write_text("")
-        probe.unlink()
+        probe.unlink(missing_ok=True)
 
 
 def check_readable(folder: str | os.PathLike, what: str = "folder") -> epath.Path:
