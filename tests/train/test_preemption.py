@@ -6,6 +6,7 @@ block-drop masks included). Step distillation's and evolution's are in their own
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 
 from tests.train.conftest import preempt_and_resume, train_env
@@ -33,8 +34,13 @@ def test_robust_training_preempted_and_resumed(tiny_teacher, tmp_path, jax_cache
                  "--config.diffusion.eval_samples=0", "--config.diffusion.sample_steps=1",
                  # every block dropped often: a mask drawn differently would change the loss
                  "--config.robust.keep_prob_resnet=0.5", "--config.robust.keep_prob_attention=0.5"]
-    preempt_and_resume(tmp_path, overrides, train_env(jax_cache), "configs/world_robust.py",
-                       STEPS)
+    run = preempt_and_resume(tmp_path, overrides, train_env(jax_cache), "configs/world_robust.py")
+    assert run.returncode == 0 and "SIGTERM" in run.preempted_log, run.preempted_log[-3000:]
+    assert len(run.saved) == 1 and 3 <= run.saved[0] < STEPS, run.saved  # the preemption's save
+    assert f"resumed from step {run.saved[0]}" in run.resume_log
+    assert sorted(run.resumed) == sorted(run.straight) == list(range(1, STEPS + 1))
+    np.testing.assert_allclose([run.resumed[s] for s in range(1, STEPS + 1)],
+                               [run.straight[s] for s in range(1, STEPS + 1)], rtol=1e-6)
 
 
 def test_decoder_distillation_preempted_and_resumed(tiny_teacher, tmp_path, jax_cache):
@@ -48,5 +54,11 @@ def test_decoder_distillation_preempted_and_resumed(tiny_teacher, tmp_path, jax_
                  f"--config.decoder.teacher={tiny_teacher}",
                  f"--config.decoder.eval_latents={tmp_path / 'heldout'}",
                  "--config.decoder.eval_count=4", "--config.decoder.num_samples=2"]
-    preempt_and_resume(tmp_path, overrides, train_env(jax_cache), "configs/world_decoder.py",
-                       STEPS)
+    run = preempt_and_resume(tmp_path, overrides, train_env(jax_cache),
+                             "configs/world_decoder.py")
+    assert run.returncode == 0 and "SIGTERM" in run.preempted_log, run.preempted_log[-3000:]
+    assert len(run.saved) == 1 and 3 <= run.saved[0] < STEPS, run.saved  # the preemption's save
+    assert f"resumed from step {run.saved[0]}" in run.resume_log
+    assert sorted(run.resumed) == sorted(run.straight) == list(range(1, STEPS + 1))
+    np.testing.assert_allclose([run.resumed[s] for s in range(1, STEPS + 1)],
+                               [run.straight[s] for s in range(1, STEPS + 1)], rtol=1e-6)

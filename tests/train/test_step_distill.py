@@ -244,8 +244,14 @@ def test_preempted_and_resumed_run_gives_the_same_losses(teacher, latents, jax_c
                  f"--config.train.steps={steps}", "--config.train.log_every=1",
                  "--config.train.progress_bar=false", "--config.train.export=false",
                  "--config.checkpoint.every_steps=1000", "--config.opt.warmup_steps=0"]
-    preempt_and_resume(teacher / "preemption", overrides, train_env(jax_cache),
-                       "configs/world_distill.py", steps)
+    run = preempt_and_resume(teacher / "preemption", overrides, train_env(jax_cache),
+                             "configs/world_distill.py")
+    assert run.returncode == 0 and "SIGTERM" in run.preempted_log, run.preempted_log[-3000:]
+    assert len(run.saved) == 1 and 3 <= run.saved[0] < steps, run.saved  # the preemption's save
+    assert f"resumed from step {run.saved[0]}" in run.resume_log
+    assert sorted(run.resumed) == sorted(run.straight) == list(range(1, steps + 1))
+    np.testing.assert_allclose([run.resumed[s] for s in range(1, steps + 1)],
+                               [run.straight[s] for s in range(1, steps + 1)], rtol=1e-6)
 
 
 def test_a_student_with_another_text_encoder_is_refused(teacher, tmp_path):
