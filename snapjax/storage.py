@@ -85,7 +85,7 @@ def clear_errors(p: str | os.PathLike, action: str) -> Iterator[None]:
     """Turn a bucket's missing-bucket and permission errors into one line naming ``p``."""
     try:
         yield
-    except (PermissionError, OSError) as e:
+    except OSError as e:
         if not is_remote(p) or isinstance(e, (FileExistsError, IsADirectoryError,
                                               NotADirectoryError)):
             raise
@@ -93,9 +93,14 @@ def clear_errors(p: str | os.PathLike, action: str) -> Iterator[None]:
         if isinstance(e, PermissionError) or "Forbidden" in text or "403" in text:
             raise PermissionError(f"{p}: no permission to {action} (the bucket's owner grants "
                                   f"it: storage.objects.create / get / list)") from e
-        if isinstance(e, FileNotFoundError) and not bucket_exists(p):
-            raise FileNotFoundError(f"{p}: bucket gs://{bucket_of(p)} does not exist") from e
+        if isinstance(e, FileNotFoundError):
+            _require_bucket(p)
         raise
+
+
+def _require_bucket(p: str | os.PathLike) -> None:
+    if is_remote(p) and not bucket_exists(p):
+        raise FileNotFoundError(f"{p}: bucket gs://{bucket_of(p)} does not exist")
 
 
 def bucket_exists(p: str | os.PathLike) -> bool:
@@ -118,8 +123,7 @@ def check_writable(folder: str | os.PathLike) -> None:
     import socket  # every process of a pod probes: a name of its own
     probe = path(folder) / f".snapjax-write-check-{socket.gethostname()}-{os.getpid()}"
     with clear_errors(folder, "write"):
-        if not bucket_exists(folder):
-            raise FileNotFoundError(f"{folder}: bucket gs://{bucket_of(folder)} does not exist")
+        _require_bucket(folder)
         probe.write_text("")
         probe.unlink(missing_ok=True)
 
@@ -128,8 +132,7 @@ def check_readable(folder: str | os.PathLike, what: str = "folder") -> epath.Pat
     """``folder`` as a path, or a one-line error: no such bucket, no permission, no folder."""
     p = path(folder)
     with clear_errors(folder, "read"):
-        if is_remote(folder) and not bucket_exists(folder):
-            raise FileNotFoundError(f"{folder}: bucket gs://{bucket_of(folder)} does not exist")
+        _require_bucket(folder)
         if not p.exists():
             raise FileNotFoundError(f"{folder}: not a folder (no such {what})")
     return p
@@ -168,10 +171,18 @@ def _write_local(folder: epath.Path, write, prefix) -> epath.Path:
     return folder
 
 
-def _write_remote(folder: epath.Path, write, overwrite: bool, prefix) -> epath.Path:
-    tmp = epath.Path(tempfile.mkdtemp(prefix=prefix or f"snapjax-{folder.name}.staging-",
-                                      dir=os.environ.get("SNAPJAX_STAGING")))
+@contextlib.contextmanager
+def _staging(prefix: str) -> Iterator[epath.Path]:
+    """A local temporary folder (under ``$SNAPJAX_STAGING`` if set), removed afterwards."""
+    tmp = epath.Path(tempfile.mkdtemp(prefix=prefix, dir=os.environ.get("SNAPJAX_STAGING")))
     try:
+        yield tmp
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _write_remote(folder: epath.Path, write, overwrite: bool, prefix) -> epath.Path:
+    with _staging(prefix or f"snapjax-{folder.name}.staging-") as tmp:
         write(tmp)
         if folder.exists():
             assert overwrite  # write_folder refused it otherwise
@@ -181,8 +192,6 @@ def _write_remote(folder: epath.Path, write, overwrite: bool, prefix) -> epath.P
                     f.unlink()
             folder.rmtree()
         upload(tmp, folder)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     refresh(folder)
     return folder
 
@@ -221,14 +230,10 @@ def local_folder(folder: str | os.PathLike) -> Iterator[epath.Path]:
     if not is_remote(p):
         yield p
         return
-    tmp = epath.Path(tempfile.mkdtemp(prefix=f"snapjax-{p.name}.download-",
-                                      dir=os.environ.get("SNAPJAX_STAGING")))
-    try:
+    with _staging(f"snapjax-{p.name}.download-") as tmp:
         with clear_errors(folder, "read"):
             download(p, tmp)
         yield tmp
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 @contextlib.contextmanager
@@ -240,14 +245,10 @@ def local_output(folder: str | os.PathLike) -> Iterator[epath.Path]:
         p.mkdir(parents=True, exist_ok=True)
         yield p
         return
-    tmp = epath.Path(tempfile.mkdtemp(prefix=f"snapjax-{p.name}.staging-",
-                                      dir=os.environ.get("SNAPJAX_STAGING")))
-    try:
+    with _staging(f"snapjax-{p.name}.staging-") as tmp:
         yield tmp
         with clear_errors(folder, "write"):
             upload(tmp, p)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def append_text(file: str | os.PathLike, text: str) -> None:

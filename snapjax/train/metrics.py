@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import tempfile
 from collections.abc import Mapping
 from typing import Any
@@ -86,22 +87,20 @@ class MetricsWriter:
     """Appends ``{"step": n, ...}`` lines to ``workdir/metrics.jsonl`` and writes the same
     scalars (and sample grids) to TensorBoard event files under ``workdir/tensorboard``.
 
-    A bucket's objects cannot be appended to: for a ``gs://`` workdir the lines are kept here
-    and ``metrics.jsonl`` is rewritten at each write (a small file), and the TensorBoard files
-    are written locally and uploaded at each :meth:`flush` and at :meth:`close`."""
+    A bucket's objects cannot be appended to: for a ``gs://`` workdir ``metrics.jsonl`` is
+    rewritten at each write (:func:`snapjax.storage.append_text`; a small file), and the
+    TensorBoard files are written locally and uploaded at each :meth:`flush` and at
+    :meth:`close`."""
 
     def __init__(self, workdir: str | epath.Path, *, enabled: bool = True):
         self.enabled = enabled
         self.workdir = storage.path(workdir)
         self.remote = storage.is_remote(self.workdir)
         self._tb = None
-        self._lines: list[str] | None = None  # a remote metrics.jsonl's lines
         if enabled:
             self.workdir.mkdir(parents=True, exist_ok=True)
             self.path = self.workdir / "metrics.jsonl"
             if self.remote:
-                self._lines = (self.path.read_text().splitlines(keepends=True)
-                               if self.path.exists() else [])
                 self._tb_local = epath.Path(tempfile.mkdtemp(prefix="snapjax-tensorboard-"))
 
     def truncate_after(self, step: int) -> None:
@@ -116,8 +115,6 @@ class MetricsWriter:
             except json.JSONDecodeError:  # a line cut by a kill
                 continue
         self.path.write_text("".join(k + "\n" for k in keep))
-        if self.remote:
-            self._lines = [k + "\n" for k in keep]
 
     def _writer(self):
         if self._tb is None:
@@ -130,12 +127,7 @@ class MetricsWriter:
         if not self.enabled:
             return
         record = {"step": int(step), **{k: float(v) for k, v in scalars.items()}}
-        if self.remote:
-            self._lines.append(json.dumps(record) + "\n")
-            self.path.write_text("".join(self._lines))
-        else:
-            with self.path.open("a") as f:
-                f.write(json.dumps(record) + "\n")
+        storage.append_text(self.path, json.dumps(record) + "\n")
         tb = self._writer()
         for k, v in scalars.items():
             tb.add_scalar(k, float(v), int(step))
@@ -166,6 +158,8 @@ class MetricsWriter:
             self._tb.close()
             self._tb = None
             self._upload_tensorboard()
+        if self.enabled and self.remote:
+            shutil.rmtree(self._tb_local, ignore_errors=True)
 
     def _upload_tensorboard(self) -> None:
         if self.remote:
